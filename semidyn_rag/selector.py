@@ -1,0 +1,116 @@
+"""The Discrete Ratio Selector: a scalar quantizer from predicted density to a fixed candidate.
+
+The density head predicts y_hat = log2(compression factor). The selector adds the user's
+``scale`` (Eq. 1), exponentiates (Eq. 2) and snaps the result to the nearest member of a small,
+fixed candidate set (Eq. 3 for factors, Eqs. 4-5 for token counts). Keeping the set finite is
+the paper's whole point: the decoder only ever sees operations it was trained on.
+
+"Nearest" is measured between compression factors in linear space by default (the authors'
+trained configuration), or between their log2 values (``space="log"``). ``mode="ceil"`` takes
+the smallest candidate at or above the prediction, ``"floor"`` the largest at or below; all
+modes clamp to the ends of the set. Ties go to the smaller value (more fidelity).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import overload
+
+import torch
+
+from .config import CompareSpace, RoundingMode
+
+
+class DiscreteRatioSelector:
+    """Maps predicted log2 densities to discrete compression factors or latent counts. Pure."""
+
+    def __init__(
+        self,
+        ratios: Sequence[int] = (2, 4, 8, 16, 32),
+        mode: RoundingMode = "round",
+        space: CompareSpace = "linear",
+    ) -> None:
+        if not ratios or any(r < 1 for r in ratios):
+            raise ValueError(f"ratios must be positive integers, got {tuple(ratios)}")
+        if mode not in ("round", "ceil", "floor"):
+            raise ValueError(f"mode must be round, ceil or floor, got {mode!r}")
+        if space not in ("linear", "log"):
+            raise ValueError(f"space must be linear or log, got {space!r}")
+        self.ratios = tuple(sorted(set(int(r) for r in ratios)))
+        self.mode = mode
+        self.space = space
+
+    def __repr__(self) -> str:
+        return f"DiscreteRatioSelector(ratios={self.ratios}, mode={self.mode!r}, space={self.space!r})"
+
+    @overload
+    def select(self, y_hat: float, scale: float = 0.0) -> int: ...
+    @overload
+    def select(self, y_hat: torch.Tensor, scale: float = 0.0) -> torch.Tensor: ...
+
+    def select(self, y_hat, scale: float = 0.0):
+        """Return the compression factor for ``y_hat`` (an int, or a LongTensor of factors)."""
+        y = _as_tensor(y_hat) + scale
+        out = _quantize(torch.exp2(y), self.ratios, self.mode, self.space)
+        return int(out) if _is_scalar(y_hat) else out
+
+    @overload
+    def select_length(
+        self, y_hat: float, n_tokens: int, lengths: Sequence[int] = ..., scale: float = 0.0
+    ) -> int: ...
+    @overload
+    def select_length(
+        self, y_hat: torch.Tensor, n_tokens: torch.Tensor, lengths: Sequence[int] = ..., scale: float = 0.0
+    ) -> torch.Tensor: ...
+
+    def select_length(self, y_hat, n_tokens, lengths: Sequence[int] = (16, 32, 64, 128), scale: float = 0.0):
+        """Return the number of latent tokens M for a context of ``n_tokens`` (Eqs. 4 and 5).
+
+        The continuous target is m_hat = n_tokens / 2^(y_hat + scale); it is snapped to the
+        nearest of ``lengths`` with this selector's mode and comparison space.
+        """
+        if not lengths or any(m < 1 for m in lengths):
+            raise ValueError(f"lengths must be positive integers, got {tuple(lengths)}")
+        y = _as_tensor(y_hat) + scale
+        n = _as_tensor(n_tokens)
+        if bool((n <= 0).any()):
+            raise ValueError("n_tokens must be positive")
+        m_hat = n / torch.exp2(y)
+        out = _quantize(m_hat, tuple(sorted(set(int(m) for m in lengths))), self.mode, self.space)
+        return int(out) if _is_scalar(y_hat) and _is_scalar(n_tokens) else out
+
+
+def _is_scalar(x) -> bool:
+    return not isinstance(x, torch.Tensor) or x.dim() == 0
+
+
+def _as_tensor(x) -> torch.Tensor:
+    t = torch.as_tensor(x, dtype=torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"non-finite density prediction: {x}")
+    return t
+
+
+def _quantize(value: torch.Tensor, candidates: tuple[int, ...], mode: str, space: str) -> torch.Tensor:
+    """Snap positive ``value`` (any shape) to ``candidates`` (sorted ascending)."""
+    cand = torch.tensor(candidates, dtype=torch.float64)
+    v = value.unsqueeze(-1)
+    if mode == "ceil":
+        # smallest candidate >= value; values above the top clamp to it
+        idx = (v > cand).sum(-1).clamp(max=len(candidates) - 1)
+    elif mode == "floor":
+        # largest candidate <= value; values below the bottom clamp to it
+        idx = ((v >= cand).sum(-1) - 1).clamp(min=0)
+    else:
+        if space == "log":
+            dist = (torch.log2(v) - torch.log2(cand)).abs()
+        else:
+            dist = (v - cand).abs()
+        idx = dist.argmin(-1)  # argmin returns the first minimum: ties go to the smaller one
+    return torch.tensor(candidates, dtype=torch.long)[idx]
+
+
+def log2_factor(n_tokens: int, n_latents: int) -> float:
+    """log2 of the compression factor a context of ``n_tokens`` got with ``n_latents`` latents."""
+    return math.log2(n_tokens / n_latents)
