@@ -121,7 +121,14 @@ def _assemble(cls, config: CompressorConfig, path: Path | None, is_trainable: bo
                 from peft import PeftModel
 
                 _require(sub, f"{side} adapter")
-                model = PeftModel.from_pretrained(model, str(sub), is_trainable=is_trainable)
+                try:
+                    model = PeftModel.from_pretrained(model, str(sub), is_trainable=is_trainable)
+                except RuntimeError as e:
+                    first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:300])
+                    raise CheckpointError(
+                        f"the {side} adapter in {sub} does not fit {getattr(config, side)!r} "
+                        f"(encoder/decoder sizes differ from training): {first}"
+                    ) from None
         models[side] = model
     enc_tok = load_tokenizer(config.encoder, config.encoder_gguf_file, config.trust_remote_code)
     dec_tok = load_tokenizer(config.decoder, config.decoder_gguf_file, config.trust_remote_code)

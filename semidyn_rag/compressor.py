@@ -93,7 +93,11 @@ class SemiDynamicCompressor(nn.Module):
         self.projector = Projector(d_enc, d_dec, config.projector_hidden_size, config.projector_gated)
         self.selector = DiscreteRatioSelector(cands, config.rounding, config.compare_space)
         self._fp_cache: dict[str, tuple[tuple, str]] = {}
-        self._base_signature = _base_signature(self.encoder.model), _base_signature(self.decoder.model)
+        # A fully trained side is hashed weight by weight; only frozen bases need a signature.
+        self._base_signature = tuple(
+            "full" if _is_fully_trained(config, side) else _base_signature(m)
+            for side, m in (("encoder", self.encoder.model), ("decoder", self.decoder.model))
+        )
         self.to(device=device, dtype=dtype)
         self.eval()
 

@@ -1,0 +1,148 @@
+import json
+
+import pytest
+import torch
+
+from semidyn_rag import CheckpointError, SemiDynamicCompressor
+from semidyn_rag.testing import build_tiny_model
+from tests.conftest import TEXTS
+
+
+def _perturb_adapters(comp, seed=0):
+    """Make LoRA B non-zero (fresh adapters are a no-op) so saving them matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in comp.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        comp.density_head.weight.copy_(torch.randn(comp.density_head.weight.shape, generator=g))
+
+
+def _same_outputs(a, b):
+    ca, cb = a.compress(TEXTS, scale=0.5), b.compress(TEXTS, scale=0.5)
+    for x, y in zip(ca, cb):
+        assert x.factor == y.factor and x.y_hat == pytest.approx(y.y_hat, abs=1e-6)
+        torch.testing.assert_close(x.latents, y.latents, atol=1e-6, rtol=1e-6)
+    ga = a.generate(["Where?", "Who?"], [ca[:2], ca[2:]], max_new_tokens=5)
+    gb = b.generate(["Where?", "Who?"], [cb[:2], cb[2:]], max_new_tokens=5)
+    assert ga == gb
+
+
+def test_save_load_roundtrip(compressor, tmp_path):
+    _perturb_adapters(compressor)
+    compressor.save_pretrained(tmp_path / "ck")
+    for part in ("config.json", "encoder/adapter_model.safetensors", "decoder/adapter_model.safetensors",
+                 "density_head/model.safetensors", "projector/model.safetensors"):
+        assert (tmp_path / "ck" / part).is_file(), part
+    loaded = SemiDynamicCompressor.from_pretrained(str(tmp_path / "ck"))
+    assert loaded.fingerprint == compressor.fingerprint
+    assert loaded.feature_fingerprint == compressor.feature_fingerprint
+    _same_outputs(compressor, loaded)
+
+
+def test_compression_tokens_and_full_encoder_roundtrip(make_compressor, tmp_path):
+    comp = make_compressor(backbone="compression_tokens", lengths=(2, 4), encoder_training="full",
+                           decoder_training="frozen")
+    with torch.no_grad():
+        comp.backbone.memory.add_(1.0)
+        next(comp.encoder.model.parameters()).mul_(1.1)
+    comp.save_pretrained(tmp_path / "ck")
+    assert (tmp_path / "ck" / "backbone" / "model.safetensors").is_file()
+    assert not (tmp_path / "ck" / "decoder").exists()
+    loaded = SemiDynamicCompressor.from_pretrained(str(tmp_path / "ck"))
+    assert loaded.fingerprint == comp.fingerprint
+    _same_outputs(comp, loaded)
+
+
+@pytest.mark.parametrize("part", ["density_head", "projector", "encoder_lora", "decoder_lora"])
+def test_fingerprint_changes_with_any_trained_weight(compressor, part):
+    before, before_feat = compressor.fingerprint, compressor.feature_fingerprint
+    with torch.no_grad():
+        if part == "density_head":
+            compressor.density_head.bias.add_(0.5)
+        elif part == "projector":
+            compressor.projector.up_proj.weight[0, 0] += 1.0
+        else:
+            model = compressor.encoder.model if part == "encoder_lora" else compressor.decoder.model
+            next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.1)
+    assert compressor.fingerprint != before
+    # stored features depend on the encoder side only
+    assert (compressor.feature_fingerprint != before_feat) == (part in ("density_head", "encoder_lora"))
+
+
+def test_fingerprint_ignores_dtype_and_model_path(compressor, tiny_dirs, tmp_path):
+    import shutil
+
+    enc, dec = tiny_dirs
+    compressor.save_pretrained(tmp_path / "ck")
+    shutil.copytree(enc, tmp_path / "enc_copy")
+    moved = SemiDynamicCompressor.from_pretrained(str(tmp_path / "ck"), encoder=str(tmp_path / "enc_copy"))
+    assert moved.fingerprint == compressor.fingerprint
+
+
+def test_mismatched_base_model_is_refused(compressor, tmp_path):
+    compressor.save_pretrained(tmp_path / "ck")
+    other = build_tiny_model(tmp_path / "other", hidden_size=64, seed=99)  # same shape, other weights
+    with pytest.raises(CheckpointError, match="base models other than"):
+        SemiDynamicCompressor.from_pretrained(str(tmp_path / "ck"), encoder=str(other))
+
+
+def test_encoder_size_mismatch_is_a_clear_error(compressor, tmp_path):
+    compressor.save_pretrained(tmp_path / "ck")
+    wider = build_tiny_model(tmp_path / "wide", hidden_size=128, seed=1)
+    with pytest.raises(CheckpointError, match="encoder adapter .* sizes differ from training.*size mismatch"):
+        SemiDynamicCompressor.from_pretrained(str(tmp_path / "ck"), encoder=str(wider), check_fingerprint=False)
+
+
+def test_missing_or_foreign_checkpoint(tmp_path, compressor):
+    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+        SemiDynamicCompressor.from_pretrained(str(tmp_path / "nothing"))
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(CheckpointError, match="neither"):
+        SemiDynamicCompressor.from_pretrained(str(tmp_path / "foreign"))
+    compressor.save_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "projector" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing its projector"):
+        SemiDynamicCompressor.from_pretrained(str(tmp_path / "ck"))
+
+
+def _write_authors_checkpoint(comp, path, enc, dec):
+    """The authors' released layout, written by hand from a compressor."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "comp_ratio_or_len": [1 / f for f in comp.config.factors],
+        "placeholder_token_id": comp.decoder.placeholder_id,
+        "mlp_converter_hidden_dim": comp.config.projector_hidden_size,
+        "feature_extract_method": "mean_pooling",
+        "memory_token_begin_id": None,
+        "encoder_training": "lora",
+        "decoder_training": "lora",
+        "base_encoder_model_path": str(enc),
+        "base_decoder_model_path": str(dec),
+        "discretize_ratio_mode": "round",
+        "discretize_compare_in_log": False,
+    }))
+    comp.encoder.model.save_pretrained(path / "encoder")
+    comp.decoder.model.save_pretrained(path / "decoder")
+    torch.save({"projector": comp.projector.state_dict(), "compress_ratio_head": comp.density_head.state_dict()},
+               path / "projector.pth")
+
+
+def test_authors_layout_loads_with_same_outputs(compressor, tiny_dirs, tmp_path):
+    _perturb_adapters(compressor, seed=3)
+    enc, dec = tiny_dirs
+    _write_authors_checkpoint(compressor, tmp_path / "authors", enc, dec)
+    loaded = SemiDynamicCompressor.from_pretrained(str(tmp_path / "authors"))
+    assert loaded.config.factors == (2, 4, 8, 16, 32)
+    assert loaded.decoder.placeholder == compressor.decoder.placeholder
+    _same_outputs(compressor, loaded)
+
+
+def test_authors_projector_with_code_is_refused(compressor, tiny_dirs, tmp_path):
+    """projector.pth is read with weights_only=True: a pickle carrying a callable fails to load."""
+    enc, dec = tiny_dirs
+    _write_authors_checkpoint(compressor, tmp_path / "authors", enc, dec)
+    torch.save({"projector": {}, "compress_ratio_head": {}, "evil": print}, tmp_path / "authors" / "projector.pth")
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+        SemiDynamicCompressor.from_pretrained(str(tmp_path / "authors"))
