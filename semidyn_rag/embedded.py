@@ -106,3 +106,46 @@ def demo_corpus(limit: int | None = None) -> list[dict]:
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+SHIPPED_COMPRESSOR = Path(__file__).parent / "assets" / "default-compressor"
+
+
+def embedded_config(**overrides):
+    """The embedded default's CompressorConfig: SmolLM2-135M-Instruct as encoder and decoder."""
+    from .config import CompressorConfig
+
+    base = dict(encoder="embedded:smollm2", decoder="embedded:smollm2", projector_hidden_size=2048,
+                max_context_tokens=1024)
+    return CompressorConfig(**{**base, **overrides})
+
+
+def default_compressor_path() -> tuple[Path, bool]:
+    """(checkpoint folder, trained?) of the embedded default compressor.
+
+    The trained checkpoint shipped inside the package when there is one; otherwise a seeded,
+    untrained compressor saved once under the cache (so every run, and every corpus built with
+    it, sees the same fingerprint).
+    """
+    if (SHIPPED_COMPRESSOR / "config.json").is_file():
+        return SHIPPED_COMPRESSOR, True
+    target = cache_dir() / "compressors" / "untrained-default"
+    if (target / "config.json").is_file():
+        return target, False
+    import torch
+
+    from .compressor import SemiDynamicCompressor
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            torch.manual_seed(0)
+            comp = SemiDynamicCompressor(embedded_config(device="cpu"))
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+            try:
+                comp.save_pretrained(tmp)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target, False

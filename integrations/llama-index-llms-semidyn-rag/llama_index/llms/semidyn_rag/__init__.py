@@ -1,0 +1,3 @@
+from llama_index.llms.semidyn_rag.base import SemiDynamicLLM
+
+__all__ = ["SemiDynamicLLM"]

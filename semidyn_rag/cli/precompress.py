@@ -1,0 +1,84 @@
+"""``semidyn-rag precompress CORPUS --out DIR``: build a corpus directory, resumably.
+
+Loads the documents, chunks them in encoder tokens, embeds and indexes the chunks (FAISS) and
+encodes every chunk into the latent store. Killed at any point and rerun, it encodes only what
+is missing. Prints the run's statistics and writes them to ``DIR/stats.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+NO_COMPRESSOR = ("no compressor given and no trained embedded default is installed: pass --compressor CKPT "
+                 "(a folder written by SemiDynamicCompressor.save_pretrained or `semidyn-rag train`)")
+
+
+def shipped_compressor() -> str | None:
+    """The trained default checkpoint shipped inside the package, if there is one."""
+    try:
+        from ..embedded import SHIPPED_COMPRESSOR
+    except ImportError:
+        return None
+    return str(SHIPPED_COMPRESSOR) if (SHIPPED_COMPRESSOR / "config.json").is_file() else None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("precompress", help="chunk, index and compress a corpus into a directory",
+                              description="Build a corpus directory (chunk table, FAISS index, latent "
+                                          "store) from documents; rerun to resume or update it.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("corpus", help="a folder of .txt/.md files, a .jsonl file (text + metadata) or a .parquet file")
+    p.add_argument("--out", required=True, help="the corpus directory to create or complete")
+    p.add_argument("--compressor", help="compressor checkpoint folder or hub id (default: the trained "
+                                        "embedded default, when the package ships one)")
+    p.add_argument("--scale", type=float, default=0.0,
+                   help="default scale recorded for queries (stats are reported at it); the store "
+                        "keeps features for every scale")
+    p.add_argument("--batch-size", type=int, default=16, help="chunks per encoder batch and per commit")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="chunk budget in encoder tokens")
+    p.add_argument("--overlap", type=int, default=0, help="tokens of trailing sentences repeated in the next chunk")
+    p.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat", help="FAISS index type")
+    p.add_argument("--embedder", default="all-MiniLM-L6-v2",
+                   help="sentence-transformers model: name, hub id or folder")
+    p.add_argument("--store-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="precision of the stored features")
+    p.add_argument("--text-field", default="text", help="text field of JSONL records / text column of parquet")
+    p.add_argument("--device", default=None, help="device for the compressor (default: CUDA if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    args.compressor = args.compressor or shipped_compressor()
+    if not args.compressor:
+        print(f"error: {NO_COMPRESSOR}", file=sys.stderr)
+        return 2
+    from ..checkpoint import CheckpointError
+    from ..compressor import SemiDynamicCompressor
+    from ..corpus import CorpusError, IndexParams, precompress
+
+    overrides = {"device": args.device} if args.device else {}
+    try:
+        comp = SemiDynamicCompressor.from_pretrained(args.compressor, **overrides)
+    except CheckpointError as e:
+        print(f"error: cannot load the compressor: {e}", file=sys.stderr)
+        return 2
+    try:
+        stats = precompress(
+            args.corpus, args.out, comp, compressor_path=args.compressor, scale=args.scale,
+            batch_size=args.batch_size, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
+            index=IndexParams(kind=args.index), embedder=args.embedder,
+            store_dtype=args.store_dtype, text_field=args.text_field, progress=not args.no_progress,
+        )
+    except (CorpusError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(stats.summary())
+    print(f"stats written to {args.out}/stats.json")
+    logger.debug("%s", json.dumps(stats.to_dict()))
+    return 0
