@@ -1,0 +1,134 @@
+"""The report of a run: ``results.json``, ``results.md`` (a Markdown table) and ``pareto.png``.
+
+The Pareto plot is the paper's main figure: accuracy against the average compression ratio
+(over correctly answered questions), one curve per compressing system family, with horizontal
+lines for the uncompressed and no-context baselines. For semi-dynamic points the table also
+gives the accuracy gain over the fixed-factor curve at the same ratio (interpolated in log2
+ratio) next to the variance of log2 factor, the two axes of the paper's Figure 5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from .records import SystemSummary
+
+CURVES = {"fixed": ("fixed factor", "o"), "semi_dynamic": ("semi-dynamic", "s"), "llmlingua2": ("LLMLingua-2", "^")}
+
+
+def plot_ratio(s: SystemSummary) -> float | None:
+    """The x of a point: the correct-only ratio of sums, else the all-question one (hollow marker)."""
+    return s.ratio_of_sums if s.ratio_of_sums is not None else s.ratio_all
+
+
+def gain_over_fixed(summaries: Sequence[SystemSummary]) -> list[SystemSummary]:
+    """Copies of ``summaries`` with ``gain_over_fixed`` set on semi-dynamic points inside the fixed curve."""
+    fixed = sorted((math.log2(r), s.accuracy) for s in summaries
+                   if s.family == "fixed" and (r := plot_ratio(s)))
+    out = []
+    for s in summaries:
+        r = plot_ratio(s)
+        gain = None
+        if s.family == "semi_dynamic" and r and len(fixed) >= 2:
+            x = math.log2(r)
+            for (x0, y0), (x1, y1) in zip(fixed, fixed[1:]):
+                if x0 <= x <= x1:
+                    y = y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+                    gain = s.accuracy - y
+                    break
+        out.append(replace(s, gain_over_fixed=gain))
+    return out
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(summaries: Sequence[SystemSummary]) -> str:
+    """One row per system: scores, correct-only ratios, selector statistics, sizes and latencies."""
+    head = ("| system | n | acc | EM | F1 | ratio (mean) | ratio (sums) | ratio (all q) | latents/chunk | var log2 F | "
+            "gain vs fixed | factors | prefill tok | retrieve s | compress s | prefill s | decode s | TTFT s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for s in summaries:
+        hist = " ".join(f"{k}:{v}" for k, v in s.factor_histogram.items()) or "-"
+        lines.append(
+            f"| {s.system} | {s.n} | {s.accuracy:.3f} | {s.exact_match:.3f} | {s.f1:.3f} | "
+            f"{_fmt(s.mean_ratio, '.2f')} | {_fmt(s.ratio_of_sums, '.2f')} | {_fmt(s.ratio_all, '.2f')} | "
+            f"{_fmt(s.positions_per_chunk, '.1f')} | "
+            f"{_fmt(s.log2_factor_var)} | {_fmt(s.gain_over_fixed, '+.3f')} | {hist} | {s.prefill_tokens:.1f} | "
+            f"{s.retrieve_s:.4f} | {s.compress_s:.4f} | {s.prefill_s:.4f} | {s.decode_s:.4f} | {s.ttft_s:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(summaries: Sequence[SystemSummary], path: Path, title: str = "") -> None:
+    """Accuracy vs average compression ratio (log2 axis), a curve per family, baseline lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    hollow_any = False
+    for family, (label, marker) in CURVES.items():
+        pts = sorted((plot_ratio(s), s.accuracy, s.ratio_of_sums is None) for s in summaries
+                     if s.family == family and plot_ratio(s))
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        (line,) = ax.plot(xs, ys, marker=marker, label=label)
+        for x, y, hollow in pts:
+            if hollow:
+                hollow_any = True
+                ax.plot([x], [y], marker=marker, markerfacecolor="white", color=line.get_color())
+    styles = {"uncompressed": ("uncompressed text", "--", "black"), "no_context": ("no context", ":", "grey")}
+    for family, (label, style, color) in styles.items():
+        for s in summaries:
+            if s.family == family:
+                ax.axhline(s.accuracy, linestyle=style, color=color, label=f"{label} ({s.accuracy:.3f})")
+    top = max((s.accuracy for s in summaries), default=0.0)
+    ax.set_ylim(0, min(1.0, max(0.05, top * 1.15)))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("average compression ratio (correctly answered questions)")
+    ax.set_ylabel("substring accuracy")
+    if hollow_any:
+        ax.text(0.01, 0.01, "hollow: no correct answer; ratio over all questions", transform=ax.transAxes,
+                fontsize=7, color="grey")
+    ax.set_title(title or "Accuracy vs compression")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out: str | Path, summaries: Sequence[SystemSummary], meta: dict) -> dict[str, Path]:
+    """Write results.json, results.md and pareto.png into ``out``; return their paths."""
+    out = Path(out)
+    summaries = gain_over_fixed(summaries)
+    files = {"json": out / "results.json", "markdown": out / "results.md", "pareto": out / "pareto.png"}
+    payload = {"meta": meta, "systems": [s.to_json() for s in summaries]}
+    _atomic_write(files["json"], json.dumps(payload, indent=2) + "\n")
+    run = meta.get("run", {})
+    title = f"{Path(str(run.get('dataset', ''))).name} ({run.get('setting', '')}, {meta.get('n_questions', '?')} q)"
+    notes = ["", f"{meta.get('n_questions', '?')} questions, setting {run.get('setting')}; "
+             "ratio (mean) and ratio (sums) are source tokens per decoder position over correctly "
+             "answered questions only, ratio (all q) over every question with context; "
+             "latencies are means in seconds per question.", ""]
+    for fam, why in meta.get("skipped_systems", {}).items():
+        notes.append(f"- {fam} not run: {why}")
+    _atomic_write(files["markdown"], f"# {title}\n\n" + markdown_table(summaries) + "\n".join(notes) + "\n")
+    tmp = files["pareto"].with_suffix(".tmp.png")
+    plot_pareto(summaries, tmp, title)
+    tmp.replace(files["pareto"])
+    return files
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

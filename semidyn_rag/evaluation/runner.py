@@ -1,0 +1,361 @@
+"""One evaluation run: every system answers every question; results land in ``--out``.
+
+Order of work: load the questions; find each question's contexts (its own in the ``gold``
+setting; top-k retrieved in ``rag``); encode every needed context ONCE (``comp.encode``),
+from which each fixed factor and semi-dynamic scale derives its latents
+(``comp.compress_features``); then, system by system, answer each question with a timed
+greedy decode and append the scored line to ``samples.jsonl``. A rerun with the same
+settings skips what is already there, so a killed run resumes where it stopped; a rerun with
+other settings is refused (the ``run.json`` key differs) rather than mixed in.
+
+Decoding runs one question at a time so that latencies are per question (prefill, decode,
+time to first token), not shares of a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from ..compressor import SemiDynamicCompressor
+from ..encoder import ContextTooLongError
+from .datasets import QASample, load_qa_dataset, sample_subset
+from .decoding import has_adapters, timed_generate
+from .metrics import exact_match, f1_score, substring_match, summarize
+from .records import ResultLog, SampleResult, SystemSummary
+from .retrieval import CorpusRetriever, DenseRetriever
+from .systems import DEFAULT_LLMLINGUA_MODEL, FAMILIES, ContextItem, System, build_systems
+
+logger = logging.getLogger(__name__)
+
+PAPER_SCALES = tuple(x / 2 for x in range(-4, 9))  # -2, -1.5, ..., 4 (the paper's Figure 4 sweep)
+
+
+class EvalError(ValueError):
+    """The run cannot go ahead as configured (the message says what to change)."""
+
+
+class EvalConfig(BaseModel):
+    """Everything that defines an evaluation run (saved as ``config.json`` in the output folder)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str
+    out: str
+    compressor: str | None = Field(None, description="Checkpoint folder or hub id (or pass a compressor object).")
+    split: str = "validation"
+    setting: Literal["gold", "rag"] = "gold"
+    k: int = Field(5, ge=1)
+    corpus: str | None = Field(None, description="A corpus folder made by `precompress` to retrieve from.")
+    retriever: str | None = Field(None, description="sentence-transformers model; None = MiniLM.")
+    systems: list[str] = list(FAMILIES)
+    factors: list[int] | None = Field(None, description="Fixed factors; None = the compressor's candidates.")
+    scales: list[float] = list(PAPER_SCALES)
+    limit: int | None = Field(None, ge=1)
+    seed: int = 0
+    max_new_tokens: int = Field(32, ge=1)
+    question_suffix: str = Field("", description="Appended to every question, e.g. ' Answer briefly.'")
+    baseline_decoder: Literal["base", "tuned"] = "base"
+    batch_size: int = Field(16, ge=1, description="Contexts per encoder batch.")
+    warmup: int = Field(2, ge=0, description="Untimed generate calls before timing starts.")
+    llmlingua: Literal["auto", "on", "off"] = "auto"
+    llmlingua_model: str = DEFAULT_LLMLINGUA_MODEL
+    device: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.corpus and self.setting != "rag":
+            raise ValueError("--corpus is for the rag setting; gold reads each question's own context")
+        if self.corpus and self.retriever:
+            raise ValueError("--retriever does not apply with --corpus: the corpus folder fixes its embedder")
+        if not self.systems:
+            raise ValueError("no systems to run")
+        unknown = sorted(set(self.systems) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown systems {unknown}; choose from {', '.join(FAMILIES)}")
+        return self
+
+
+@dataclass
+class EvalOutcome:
+    """What a run produced: per-system summaries, how much was computed vs reused, and files."""
+
+    out_dir: Path
+    summaries: list[SystemSummary]
+    computed: int
+    reused: int
+    skipped_systems: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class _Question:
+    sample: QASample
+    corpus_ids: list[int]  # indices into the run's context list
+    retrieve_s: float = 0.0
+    gold_retrieved: bool | None = None
+
+
+def run_evaluation(config: EvalConfig, compressor: SemiDynamicCompressor | None = None) -> EvalOutcome:
+    """Run (or resume) the evaluation ``config`` describes and write its report.
+
+    Raises EvalError for a dataset that does not fit the setting, a resumed output folder
+    holding another run, or contexts the encoder cannot take.
+    """
+    from .report import write_report
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed(config.seed)
+    all_samples = load_qa_dataset(config.dataset, split=config.split)  # before the models: fail fast
+    comp = compressor if compressor is not None else _load_compressor(config)
+    questions = sample_subset(all_samples, config.limit, config.seed)
+    baseline_base = _baseline_is_base(comp, config.baseline_decoder)
+    key = _run_key(config, comp, all_samples, baseline_base)
+    log = _open_log(out, key, config.overwrite)
+    (out / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
+
+    systems, skipped = build_systems(comp, config.systems, factors=config.factors, scales=config.scales,
+                                     llmlingua=config.llmlingua, llmlingua_model=config.llmlingua_model)
+    pending = [(s, q) for s in systems for q in questions if (s.name, q.id) not in log]
+    reused = len(systems) * len(questions) - len(pending)
+    reads = _run_pending(config, comp, all_samples, pending, log, baseline_base, out) if pending else {}
+    summaries = [summarize([log.results[(s.name, q.id)] for q in questions], s.family, s.param) for s in systems]
+    meta = {"run": key, "n_questions": len(questions), "skipped_systems": skipped,
+            "last_invocation": {"computed": len(pending), "reused": reused, **reads}}
+    files = write_report(out, summaries, meta)
+    return EvalOutcome(out, summaries, len(pending), reused, skipped, files)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_compressor(config: EvalConfig) -> SemiDynamicCompressor:
+    if not config.compressor:
+        raise EvalError("no compressor given: pass --compressor CKPT")
+    overrides = {"device": config.device} if config.device else {}
+    return SemiDynamicCompressor.from_pretrained(config.compressor, **overrides)
+
+
+def _baseline_is_base(comp: SemiDynamicCompressor, wanted: str) -> bool:
+    """Whether the baselines can really read with the base decoder (adapters switched off)."""
+    if wanted == "tuned":
+        return False
+    if has_adapters(comp.decoder.model):
+        return True
+    if comp.config.decoder_training == "full":
+        logger.warning("the decoder is fully fine-tuned (no base weights kept): baselines use the tuned decoder")
+    return False  # frozen decoder: base and tuned are the same weights
+
+
+def _run_key(config: EvalConfig, comp, samples: Sequence[QASample], baseline_base: bool) -> dict:
+    """What results depend on; a resumed run must match it exactly."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.id, s.question, list(s.answers), s.context]).encode())
+    return {
+        "dataset": config.dataset, "split": config.split, "dataset_digest": h.hexdigest()[:32],
+        "seed": config.seed, "setting": config.setting,
+        "k": config.k if config.setting == "rag" else None,
+        "corpus": config.corpus, "corpus_digest": _corpus_digest(config.corpus) if config.corpus else None,
+        "retriever": config.retriever,
+        "compressor_fingerprint": comp.fingerprint, "max_new_tokens": config.max_new_tokens,
+        "question_suffix": config.question_suffix, "baseline_decoder_is_base": baseline_base,
+    }
+
+
+def _corpus_digest(path: str) -> str:
+    from ..corpus import CorpusError, read_manifest
+
+    try:
+        return read_manifest(path).texts_digest
+    except CorpusError as e:
+        raise EvalError(str(e)) from None
+
+
+_PATH_KEYS = {"dataset", "corpus"}
+
+
+def _open_log(out: Path, key: dict, overwrite: bool) -> ResultLog:
+    run_file, log_file = out / "run.json", out / "samples.jsonl"
+    if run_file.is_file() and not overwrite:
+        old = json.loads(run_file.read_text())
+        # Paths may be spelled differently between runs; their content digests must match.
+        diff = sorted(k for k in (set(old) | set(key)) - _PATH_KEYS if old.get(k) != key.get(k))
+        if diff:
+            raise EvalError(f"{out} holds results of another run (differs in: {', '.join(diff)}); "
+                            "use another --out, or --overwrite to discard them")
+    elif log_file.exists():
+        log_file.unlink()
+    run_file.write_text(json.dumps(key, indent=2) + "\n")
+    return ResultLog(log_file)
+
+
+def _run_pending(config: EvalConfig, comp, all_samples, pending: list[tuple[System, QASample]],
+                 log: ResultLog, baseline_base: bool, out: Path) -> dict:
+    """Answer every pending (system, question) pair; return what feature reads cost."""
+    needing = list({q.id: q for s, q in pending if s.uses_context}.values())
+    ctx = _plan_contexts(config, comp, all_samples, needing, out)
+    try:
+        plan = ctx.plan
+        latent_ids = sorted({i for s, q in pending if s.needs_features for i in plan[q.id].corpus_ids})
+        items = {i: ContextItem(t) for i, t in enumerate(ctx.texts)}
+        _encode_contexts(config, comp, items, latent_ids, plan, ctx.features)
+    finally:
+        if ctx.retriever is not None and hasattr(ctx.retriever, "close"):
+            ctx.retriever.close()
+
+    def prepare(system: System, q: QASample):
+        contexts = [items[i] for i in plan[q.id].corpus_ids] if system.uses_context else []
+        return system.prepare(comp, q.question + config.question_suffix, contexts)
+
+    if config.warmup:  # first calls pay one-off costs; keep them out of the timings
+        s, q = pending[0]
+        prep = prepare(s, q)
+        for _ in range(config.warmup):
+            timed_generate(comp.decoder, prep.prompt_ids, prep.latents, max_new_tokens=2,
+                           base=baseline_base and s.baseline)
+    bar = tqdm(pending, desc="answering", unit="q", disable=not config.progress)
+    for system, q in bar:
+        bar.set_postfix_str(system.name, refresh=False)
+        prep = prepare(system, q)
+        gen = timed_generate(comp.decoder, prep.prompt_ids, prep.latents, max_new_tokens=config.max_new_tokens,
+                             base=baseline_base and system.baseline)
+        qp = plan.get(q.id) if system.uses_context else None
+        retrieve_s = qp.retrieve_s if qp is not None else 0.0
+        log.append(SampleResult(
+            system=system.name, sample_id=q.id, prediction=gen.text, answers=list(q.answers),
+            correct=substring_match(gen.text, q.answers), exact_match=exact_match(gen.text, q.answers),
+            f1=f1_score(gen.text, q.answers), chunk_tokens=prep.chunk_tokens,
+            chunk_positions=prep.chunk_positions, factors=prep.factors, prefill_tokens=gen.prefill_tokens,
+            new_tokens=gen.new_tokens, retrieve_s=retrieve_s, compress_s=prep.compress_s,
+            prefill_s=gen.prefill_s, decode_s=gen.decode_s, ttft_s=retrieve_s + prep.compress_s + gen.prefill_s,
+            gold_retrieved=qp.gold_retrieved if qp is not None else None,
+        ))
+    reads = {"contexts_encoded_or_read": len(latent_ids)}
+    if isinstance(ctx.retriever, CorpusRetriever):
+        reads.update(store_hits=ctx.retriever.hits, store_misses_encoded=ctx.retriever.encoded)
+    return reads
+
+
+@dataclass
+class _Contexts:
+    """The texts questions read, which ones each reads, and how their features are obtained."""
+
+    texts: list[str]
+    plan: dict[str, _Question]
+    features: Callable[[list[str]], list]
+    retriever: object | None = None
+
+
+def _plan_contexts(config: EvalConfig, comp, all_samples: Sequence[QASample], questions: list[QASample],
+                   out: Path) -> _Contexts:
+    def encode(texts: list[str]) -> list:
+        return comp.encode(texts, batch_size=len(texts))
+
+    if config.setting == "gold":
+        texts, index = _unique_contexts(questions)
+        plan = {}
+        for q in questions:
+            if q.context is None:
+                raise EvalError(f"question {q.id!r} has no context: the gold setting needs one "
+                                "(use --setting rag --corpus DIR for open-domain questions)")
+            plan[q.id] = _Question(q, [index[q.context]])
+        return _Contexts(texts, plan, encode)
+    if config.corpus:
+        return _plan_from_corpus(config, comp, questions)
+    texts, index = _unique_contexts(all_samples)
+    if not texts:
+        raise EvalError(f"{config.dataset} has no contexts to retrieve from; pass --corpus DIR "
+                        "(a corpus folder made by `semidyn-rag precompress`)")
+    retriever = DenseRetriever(texts, config.retriever, cache_dir=out)
+    plan = {}
+    for q in tqdm(questions, desc="retrieving", unit="q", disable=not config.progress):
+        hit = retriever.search(q.question, config.k)
+        gold = index.get(q.context) if q.context is not None else None
+        plan[q.id] = _Question(q, hit.indices, hit.seconds, None if gold is None else gold in hit.indices)
+    return _Contexts(texts, plan, encode, retriever)
+
+
+def _plan_from_corpus(config: EvalConfig, comp, questions: list[QASample]) -> _Contexts:
+    """Retrieve from a corpus folder; features come from its store (misses encoded, not stored)."""
+    retriever = CorpusRetriever(config.corpus)
+    texts: list[str] = []
+    local: dict[int, int] = {}  # corpus chunk id -> index into texts
+    plan = {}
+    for q in tqdm(questions, desc="retrieving", unit="q", disable=not config.progress):
+        hit = retriever.search(q.question, config.k)
+        ids = []
+        for cid, text in zip(hit.indices, hit.texts):
+            if cid not in local:
+                local[cid] = len(texts)
+                texts.append(text)
+            ids.append(local[cid])
+        # A chunk of the question's own context counts as the gold one (chunking splits contexts).
+        gold = None
+        if q.context is not None:
+            own = " ".join(q.context.split())
+            gold = any(" ".join(t.split()) in own for t in hit.texts)
+        plan[q.id] = _Question(q, ids, hit.seconds, gold)
+    return _Contexts(texts, plan, lambda t: retriever.features(comp, t, len(t)), retriever)
+
+
+def _unique_contexts(samples: Sequence[QASample]) -> tuple[list[str], dict[str, int]]:
+    index: dict[str, int] = {}
+    for s in samples:
+        if s.context is not None and s.context not in index:
+            index[s.context] = len(index)
+    return list(index), index
+
+
+def _encode_contexts(config: EvalConfig, comp, items: dict[int, ContextItem], ids: list[int],
+                     plan: dict[str, _Question], features: Callable[[list[str]], list]) -> None:
+    """Encode (or read) each context once, in batches; give each its share of its batch's time."""
+    if not ids:
+        return
+    ids = sorted(ids, key=lambda i: len(items[i].text))  # similar lengths pad less
+    bar = tqdm(total=len(ids), desc="encoding contexts", unit="ctx", disable=not config.progress)
+    for s in range(0, len(ids), config.batch_size):
+        batch = ids[s : s + config.batch_size]
+        if comp.device.type == "cuda":
+            torch.cuda.synchronize(comp.device)
+        t0 = time.perf_counter()
+        try:
+            feats = features([items[i].text for i in batch])
+        except (ContextTooLongError, ValueError):
+            _raise_for_bad_context(comp, items, batch, plan)
+            raise
+        if comp.device.type == "cuda":
+            torch.cuda.synchronize(comp.device)
+        share = (time.perf_counter() - t0) / len(batch)
+        for i, f in zip(batch, feats):
+            items[i].features, items[i].encode_s = f, share
+        bar.update(len(batch))
+    bar.close()
+
+
+def _raise_for_bad_context(comp, items: dict[int, ContextItem], batch: list[int], plan: dict[str, _Question]):
+    """Find the context of ``batch`` the encoder refuses and raise naming the questions reading it."""
+    for i in batch:
+        try:
+            comp.encoder.tokenize([items[i].text])
+        except (ContextTooLongError, ValueError) as e:
+            users = sorted(q.sample.id for q in plan.values() if i in q.corpus_ids)
+            more = f" and {len(users) - 5} more" if len(users) > 5 else ""
+            raise EvalError(f"the context of question(s) {', '.join(map(repr, users[:5]))}{more} cannot be "
+                            f"encoded: {str(e).replace('context 0', 'it')}") from e
