@@ -9,10 +9,12 @@ from .compressor import SemiDynamicCompressor
 from .config import CompressorConfig, LoraSettings
 from .corpus import CorpusDirectory, CorpusError, IndexParams, PrecompressStats, precompress
 from .encoder import ContextTooLongError
+from .evaluation import EvalConfig, run_evaluation
 from .placeholder import PlaceholderCountError
 from .selector import DiscreteRatioSelector
 from .session import ChunkCompression, CompressionSession, PromptUsage, open_session
 from .store import CorruptEntryError, LatentStore, chunk_key, normalize_text
+from .training import TrainConfig, TrainingRecord, load_records
 from .types import CompressedContext, ContextFeatures
 
 __version__ = "0.1.0"
@@ -29,6 +31,7 @@ __all__ = [
     "CorpusError",
     "CorruptEntryError",
     "DiscreteRatioSelector",
+    "EvalConfig",
     "IndexParams",
     "LatentStore",
     "LoraSettings",
@@ -36,8 +39,12 @@ __all__ = [
     "PrecompressStats",
     "PromptUsage",
     "SemiDynamicCompressor",
+    "TrainConfig",
+    "TrainingRecord",
     "chunk_key",
+    "load_records",
     "normalize_text",
     "open_session",
     "precompress",
+    "run_evaluation",
 ]
