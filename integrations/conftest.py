@@ -23,12 +23,13 @@ def embed_model():
 
 
 @pytest.fixture
-def session(compressor, tmp_path):
+def session(compressor, tmp_path):  # noqa: F811 (a fixture argument, not a redefinition)
     with LatentStore(tmp_path / "latents.sqlite") as store:
         yield CompressionSession(compressor, store)
 
 
 def build_index(embed_model, faiss_store=False):
+    """A small VectorStoreIndex over DOCS (in-memory vectors, or a FAISS vector store)."""
     docs = [Document(text=t, metadata={"source": f"doc{i}", "lang": "en"}, id_=f"doc{i}") for i, t in enumerate(DOCS)]
     if faiss_store:
         import faiss
@@ -38,9 +39,3 @@ def build_index(embed_model, faiss_store=False):
         ctx = StorageContext.from_defaults(vector_store=store)
         return VectorStoreIndex.from_documents(docs, storage_context=ctx, embed_model=embed_model)
     return VectorStoreIndex.from_documents(docs, embed_model=embed_model)
-
-
-@pytest.fixture
-def session(compressor, tmp_path):
-    with LatentStore(tmp_path / "latents.sqlite") as store:
-        yield CompressionSession(compressor, store)

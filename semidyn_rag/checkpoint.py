@@ -48,7 +48,8 @@ def save_compressor(comp, path) -> None:
     """Write ``comp`` to ``path`` in the own layout (created if needed)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = comp.config
+    # where it ran is not part of the checkpoint: a CPU-built compressor loads onto a GPU
+    cfg = comp.config.model_copy(update={"device": None, "dtype": "auto"})
     for name, mode, model in (("encoder", cfg.encoder_training, comp.encoder.model),
                               ("decoder", cfg.decoder_training, comp.decoder.model)):
         if mode in ("lora", "full"):

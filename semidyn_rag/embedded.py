@@ -112,11 +112,16 @@ SHIPPED_COMPRESSOR = Path(__file__).parent / "assets" / "default-compressor"
 
 
 def embedded_config(**overrides):
-    """The embedded default's CompressorConfig: SmolLM2-135M-Instruct as encoder and decoder."""
-    from .config import CompressorConfig
+    """The embedded default's CompressorConfig (the recipe in recipes/embedded_default/train.yaml).
 
-    base = dict(encoder="embedded:smollm2", decoder="embedded:smollm2", projector_hidden_size=2048,
-                max_context_tokens=1024)
+    SmolLM2-135M-Instruct as decoder and, cut to its first 6 layers, as encoder; factors 2-16;
+    a 1024-wide projector; LoRA r=32 on the encoder and r=8 on the decoder.
+    """
+    from .config import CompressorConfig, LoraSettings
+
+    base = dict(encoder="embedded:smollm2", decoder="embedded:smollm2", encoder_num_layers=6,
+                factors=(2, 4, 8, 16), projector_hidden_size=1024, max_context_tokens=512,
+                encoder_lora=LoraSettings(r=32, alpha=64), decoder_lora=LoraSettings(r=8, alpha=16))
     return CompressorConfig(**{**base, **overrides})
 
 
@@ -129,7 +134,11 @@ def default_compressor_path() -> tuple[Path, bool]:
     """
     if (SHIPPED_COMPRESSOR / "config.json").is_file():
         return SHIPPED_COMPRESSOR, True
-    target = cache_dir() / "compressors" / "untrained-default"
+    import hashlib
+
+    config = embedded_config()
+    tag = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:10]
+    target = cache_dir() / "compressors" / f"untrained-default-{tag}"
     if (target / "config.json").is_file():
         return target, False
     import torch
@@ -141,7 +150,7 @@ def default_compressor_path() -> tuple[Path, bool]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").is_file():
             torch.manual_seed(0)
-            comp = SemiDynamicCompressor(embedded_config(device="cpu"))
+            comp = SemiDynamicCompressor(config, device="cpu")
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
             try:
                 comp.save_pretrained(tmp)

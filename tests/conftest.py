@@ -24,6 +24,17 @@ TEXTS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from threads, and one thread avoids OpenMP stalls on a busy 2-core box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """(encoder_dir, decoder_dir): two different tiny Qwen3 models with their tokenizers."""

@@ -30,15 +30,6 @@ from semidyn_rag.store import chunk_key
 from semidyn_rag.testing import build_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; one thread avoids OpenMP stalls on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def count():
     return tokenizer_counter(build_tokenizer())

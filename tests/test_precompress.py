@@ -20,14 +20,6 @@ from semidyn_rag.corpus import CorpusDirectory, Embedder, load_index, read_manif
 from semidyn_rag.store import LatentStore
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; one thread avoids OpenMP stalls on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 WORDS = ("tower river mountain energy light city capital paris france plant leaf water stone king queen "
          "war peace ship sea island bridge road train music song garden winter summer").split()
 

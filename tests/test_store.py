@@ -15,15 +15,6 @@ from semidyn_rag.types import ContextFeatures
 from tests.conftest import TEXTS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; one thread avoids OpenMP stalls on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def comp(tiny_config):
     from semidyn_rag import SemiDynamicCompressor

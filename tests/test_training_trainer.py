@@ -17,15 +17,6 @@ WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicro
 ANSWERS = ["Paris", "Tokyo", "Lima", "Oslo"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_records(n: int = 12, seed: int = 0) -> list[TrainingRecord]:
     """Contexts of varied length naming a city; the summary length (hence label) varies too."""
     rng = random.Random(seed)
