@@ -23,7 +23,7 @@ from .backbones import CompressionTokens, LastTokens, MeanPooling
 from .config import CompressorConfig
 from .decoder import LatentDecoder
 from .device import resolve_device, resolve_dtype
-from .encoder import ContextEncoder
+from .encoder import ContextEncoder, ContextTooLongError
 from .loading import load_decoder_model, load_encoder_model, load_tokenizer
 from .projector import DensityHead, Projector
 from .selector import DiscreteRatioSelector
@@ -155,7 +155,21 @@ class SemiDynamicCompressor(nn.Module):
         Texts are length-sorted into padded batches; results come back in input order.
         Raises ValueError for empty texts and ContextTooLongError for over-long ones.
         """
-        ids = self.encoder.tokenize(list(texts))
+        return self.encode_ids(self.encoder.tokenize(list(texts)), batch_size)
+
+    def encode_ids(self, token_ids: Sequence[Sequence[int]], batch_size: int = 16) -> list[ContextFeatures]:
+        """``encode`` for contexts already tokenized by the encoder's tokenizer (no special tokens).
+
+        Raises ValueError for an empty context and ContextTooLongError for one over the encoder
+        limit (``tokenize`` is where over-long texts are truncated when that is asked for).
+        """
+        ids = [list(r) for r in token_ids]
+        for i, r in enumerate(ids):
+            if not r:
+                raise ValueError(f"context {i} has no tokens; nothing to compress")
+            if len(r) > self.encoder.max_tokens:
+                raise ContextTooLongError(f"context {i} has {len(r)} tokens, over the encoder limit of "
+                                          f"{self.encoder.max_tokens}")
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out: list[ContextFeatures | None] = [None] * len(ids)
         fp = self.feature_fingerprint
