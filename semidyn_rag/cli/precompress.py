@@ -3,6 +3,9 @@
 Loads the documents, chunks them in encoder tokens, embeds and indexes the chunks (FAISS) and
 encodes every chunk into the latent store. Killed at any point and rerun, it encodes only what
 is missing. Prints the run's statistics and writes them to ``DIR/stats.json``.
+
+``--engine ray`` encodes on a Ray cluster instead (``semidyn_rag.distributed``): actors write
+latent shards under ``--shards-dir``, which are ingested into the store as they arrive.
 """
 
 from __future__ import annotations
@@ -50,7 +53,42 @@ def register(subparsers) -> None:
     p.add_argument("--text-field", default="text", help="text field of JSONL records / text column of parquet")
     p.add_argument("--device", default=None, help="device for the compressor (default: CUDA if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("engine", "where the chunks are encoded")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: in this process; ray: on a Ray cluster, through latent shards")
+    # Ray options default to "not given" (SUPPRESS) so that passing one with --engine local is an error
+    no = argparse.SUPPRESS
+    g.add_argument("--address", default=no, help="Ray cluster address for ray.init, e.g. auto or HEAD:6379 "
+                                                 "(default: $RAY_ADDRESS, else a new local Ray instance)")
+    g.add_argument("--num-workers", type=int, default=no, help="Ray actors, each holding one compressor (default: 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=no, help="GPUs per Ray actor (default: 0)")
+    g.add_argument("--cpus-per-worker", type=float, default=no,
+                   help="CPUs per Ray actor (default: min(1, cluster CPUs / (workers + 1)))")
+    g.add_argument("--shard-size", type=int, default=no, help="chunks per shard and per actor call (default: 256)")
+    g.add_argument("--shards-dir", default=no, help="where Ray actors write latent shards; every node must see it "
+                                                   "(default: DIR/shards)")
     p.set_defaults(func=run)
+
+
+RAY_OPTIONS = ("address", "num_workers", "gpus_per_worker", "cpus_per_worker", "shard_size", "shards_dir")
+
+
+def _engine(args: argparse.Namespace):
+    """The encode engine (step 3 of precompress) that the options ask for."""
+    if args.engine == "local":
+        from ..corpus.build import encode_locally
+
+        return encode_locally
+    from pathlib import Path
+
+    from ..distributed import RayEngine
+
+    opt = lambda name, default: getattr(args, name, default)  # noqa: E731
+    return RayEngine(
+        checkpoint=args.compressor, shards_dir=opt("shards_dir", Path(args.out) / "shards"),
+        address=opt("address", None), num_workers=opt("num_workers", 1), gpus_per_worker=opt("gpus_per_worker", 0.0),
+        cpus_per_worker=opt("cpus_per_worker", None), shard_size=opt("shard_size", 256), device=args.device,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,24 +96,46 @@ def run(args: argparse.Namespace) -> int:
     if not args.compressor:
         print(f"error: {NO_COMPRESSOR}", file=sys.stderr)
         return 2
+    if args.engine == "local":
+        given = [f"--{o.replace('_', '-')}" for o in RAY_OPTIONS if hasattr(args, o)]
+        if given:
+            print(f"error: {', '.join(given)} only apply to --engine ray", file=sys.stderr)
+            return 2
+    else:
+        from ..distributed import RayUnavailableError, require_ray
+
+        try:
+            require_ray()
+        except RayUnavailableError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from ..checkpoint import CheckpointError
     from ..compressor import SemiDynamicCompressor
     from ..corpus import CorpusError, IndexParams, precompress
 
-    overrides = {"device": args.device} if args.device else {}
+    # with Ray the workers run the encoder (on --device); the driver only chunks and counts
+    device = args.device if args.engine == "local" else "cpu"
+    overrides = {"device": device} if device else {}
     try:
         comp = SemiDynamicCompressor.from_pretrained(args.compressor, **overrides)
     except CheckpointError as e:
         print(f"error: cannot load the compressor: {e}", file=sys.stderr)
         return 2
+    failures: tuple[type[Exception], ...] = (CorpusError, FileNotFoundError, ValueError)
+    if args.engine == "ray":
+        from ..distributed import InvalidShardError, RayEngineError
+
+        failures += (RayEngineError, InvalidShardError)
     try:
+        engine = _engine(args)
         stats = precompress(
             args.corpus, args.out, comp, compressor_path=args.compressor, scale=args.scale,
             batch_size=args.batch_size, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
             index=IndexParams(kind=args.index), embedder=args.embedder,
             store_dtype=args.store_dtype, text_field=args.text_field, progress=not args.no_progress,
+            engine=engine,
         )
-    except (CorpusError, FileNotFoundError, ValueError) as e:
+    except failures as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(stats.summary())

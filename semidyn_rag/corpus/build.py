@@ -5,6 +5,9 @@ only when their inputs changed (digests in the manifest); the store step encodes
 without a valid entry for this compressor (missing or failing their checksum) and commits
 after every batch, so a run killed at any point (``kill -9`` included) resumes where it
 stopped and ends with the same directory as an uninterrupted run.
+
+The store step is pluggable (``engine``): ``encode_locally`` runs the compressor in this
+process; ``semidyn_rag.distributed.RayEngine`` runs it on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ..store import LatentStore
 from .atomic import atomic_path, atomic_write_text, remove_stale_temporaries
@@ -146,6 +151,29 @@ def texts_digest(chunks: list[Chunk]) -> str:
     return h.hexdigest()
 
 
+class EncodeEngine(Protocol):
+    """Step 3 of ``precompress``: encode ``chunks`` (sorted by length) into ``store``.
+
+    Called with the chunks that have no valid entry under ``compressor.feature_fingerprint``;
+    calls ``advance(n)`` as chunks land in the store and returns how many it encoded (chunks it
+    found elsewhere, e.g. in finished shards of an earlier run, count as reused, not encoded).
+    """
+
+    def __call__(self, chunks: list[Chunk], store: LatentStore, compressor, *, batch_size: int,
+                 advance: Callable[[int], None]) -> int: ...
+
+
+def encode_locally(chunks: list[Chunk], store: LatentStore, compressor, *, batch_size: int,
+                   advance: Callable[[int], None]) -> int:
+    """The default engine: encode in this process, one store transaction per batch."""
+    for s in range(0, len(chunks), batch_size):
+        batch = chunks[s : s + batch_size]
+        feats = compressor.encode([c.text for c in batch], batch_size=batch_size)
+        store.put_many(zip((c.key for c in batch), feats))
+        advance(len(batch))
+    return len(chunks)
+
+
 def latent_counts(compressor, y_hat: list[float], n_tokens: list[int], scale: float) -> tuple[list[int], list[int]]:
     """(choice per chunk, latents per chunk) at ``scale``, without reading features.
 
@@ -182,9 +210,11 @@ def precompress(
     store_dtype: str = "float16",
     text_field: str = "text",
     progress: bool = True,
+    engine: EncodeEngine = encode_locally,
 ) -> PrecompressStats:
     """Build (or complete) the corpus directory ``out`` from the documents at ``corpus``.
 
+    ``engine`` encodes the chunks missing from the store (default: in this process).
     Returns the run's statistics (also written to ``out/stats.json``). Raises CorpusError when
     the corpus yields no chunk, ValueError for a chunk budget the encoder cannot read.
     """
@@ -255,11 +285,7 @@ def precompress(
         bar = tqdm(total=len(chunks), initial=len(chunks) - len(pending), unit="chunk", desc="compressing",
                    dynamic_ncols=True, disable=not progress, smoothing=0.1)
         try:
-            for s in range(0, len(pending), batch_size):
-                batch = pending[s : s + batch_size]
-                feats = compressor.encode([c.text for c in batch], batch_size=batch_size)
-                store.put_many(zip((c.key for c in batch), feats))
-                bar.update(len(batch))
+            n_encoded = engine(pending, store, compressor, batch_size=batch_size, advance=bar.update) if pending else 0
         finally:
             bar.close()
         enc_seconds = time.perf_counter() - t_enc
@@ -285,13 +311,13 @@ def precompress(
         average_factor=(sum(choice) / len(choice)) if mean_pool else sum(per_chunk) / len(per_chunk),
         overall_ratio=total_tokens / total_latents, histogram_of="factor" if mean_pool else "latents",
         histogram={str(k): v for k, v in sorted(Counter(choice).items())},
-        encoded=len(pending), reused=len(chunks) - len(pending), recomputed_corrupt=corrupt,
+        encoded=n_encoded, reused=len(chunks) - n_encoded, recomputed_corrupt=corrupt,
         skipped=len(report.skipped), skipped_by_reason=report.by_reason,
         skipped_inputs=[s.message() for s in report.skipped[:50]],
         bytes_on_disk=sizes, store_payload_bytes=payload.payload_bytes,
         bytes_per_chunk=sizes["store"] / len(chunks),
         encode_seconds=round(enc_seconds, 3),
-        chunks_per_second=round(len(pending) / enc_seconds, 2) if pending and enc_seconds > 0 else 0.0,
+        chunks_per_second=round(n_encoded / enc_seconds, 2) if n_encoded and enc_seconds > 0 else 0.0,
         seconds=round(time.perf_counter() - t_start, 3), index=index.kind, embedder=embedder.name,
         compressor=record.model_dump(),
     )
