@@ -57,3 +57,20 @@ def build_tiny_model(path: str | Path, *, hidden_size: int = 64, layers: int = 2
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+_WORDS = ("tower river mountain energy light city capital paris france plant leaf water stone king queen "
+          "war peace ship sea island bridge road train music song garden winter summer").split()
+
+
+def write_random_docs(root: str | Path, n: int, seed: int = 0, words: tuple[int, int] = (5, 12)) -> Path:
+    """Write ``n`` small .txt documents of random sentences (``doc00.txt`` ...) into ``root``."""
+    import random
+
+    root = Path(root)
+    rng = random.Random(seed)
+    for i in range(n):
+        sents = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(*words))).capitalize() + "."
+                 for _ in range(rng.randint(3, 6))]
+        (root / f"doc{i:02d}.txt").write_text(" ".join(sents))
+    return root

@@ -63,3 +63,11 @@ def make_compressor(tiny_config):
 @pytest.fixture
 def compressor(make_compressor):
     return make_compressor()
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory, tiny_config):
+    """A saved tiny compressor checkpoint (for the commands that load one by path)."""
+    path = tmp_path_factory.mktemp("ckpt") / "compressor"
+    SemiDynamicCompressor(tiny_config).save_pretrained(path)
+    return path

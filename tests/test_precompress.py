@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import sqlite3
 import subprocess
@@ -18,29 +17,15 @@ import torch
 from semidyn_rag.cli import main
 from semidyn_rag.corpus import CorpusDirectory, Embedder, load_index, read_manifest
 from semidyn_rag.store import LatentStore
+from semidyn_rag.testing import write_random_docs
 
 
-WORDS = ("tower river mountain energy light city capital paris france plant leaf water stone king queen "
-         "war peace ship sea island bridge road train music song garden winter summer").split()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_config):
-    from semidyn_rag import SemiDynamicCompressor
-
-    path = tmp_path_factory.mktemp("ckpt") / "compressor"
-    SemiDynamicCompressor(tiny_config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
-    rng = random.Random(0)
-    for i in range(16):
-        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                 for _ in range(rng.randint(3, 6))]
-        (root / f"doc{i:02d}.txt").write_text(" ".join(sents))
+    write_random_docs(root, 16, seed=0, words=(5, 12))
     (root / "eiffel.txt").write_text("The Eiffel Tower is in Paris, the capital of France.")
     (root / "copy.txt").write_text((root / "doc00.txt").read_text())
     (root / "empty.txt").write_text("\n")

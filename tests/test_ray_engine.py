@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import random
 import shutil
 import signal
 import sqlite3
@@ -21,41 +20,19 @@ from semidyn_rag.cli import main
 from semidyn_rag.corpus import CorpusDirectory, read_manifest
 from semidyn_rag.distributed import list_shards, read_shard, shard_keys
 from semidyn_rag.store import LatentStore
+from semidyn_rag.testing import write_random_docs
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed (pip install 'semidyn-rag[ray]')")
 
-WORDS = ("tower river mountain energy light city capital paris france plant leaf water stone king queen "
-         "war peace ship sea island bridge road train music song garden winter summer").split()
 ARGS = ["--chunk-tokens", "40", "--batch-size", "4", "--no-progress"]
 SHARD = 6  # chunks per shard
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_config):
-    from semidyn_rag import SemiDynamicCompressor
-
-    path = tmp_path_factory.mktemp("ckpt") / "compressor"
-    SemiDynamicCompressor(tiny_config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
-    rng = random.Random(1)
-    for i in range(12):
-        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
-                 for _ in range(rng.randint(3, 6))]
-        (root / f"doc{i:02d}.txt").write_text(" ".join(sents))
+    write_random_docs(root, 12, seed=1, words=(4, 14))
     return root
 
 
