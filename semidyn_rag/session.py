@@ -122,10 +122,9 @@ class CompressionSession:
         hits = {k: True for k in known}
         if need:
             if self.store is not None:
-                absent = set(self.store.missing([chunk_key(t) for t in need], fp))
                 res = self.store.fetch_or_encode(self.compressor, need, batch_size=self.batch_size)
                 got = dict(zip(res.keys, res.features))
-                hits.update({k: k not in absent for k in got})
+                hits.update({k: k not in res.encoded_keys for k in got})
                 self.encoder_calls += bool(res.encoded)
             else:
                 norm = [normalize_text(t) for t in need]

@@ -152,6 +152,7 @@ def test_corrupt_blob_is_detected_and_recomputed(tmp_path, comp, feats):
         assert store.missing(keys, fp) == [] and store.missing(keys, fp, verify=True) == [keys[1], keys[2]]
         res = store.fetch_or_encode(comp, TEXTS)
         assert res.hits == 2 and res.encoded == 2 and sorted(res.corrupt) == sorted([keys[1], keys[2]])
+        assert res.encoded_keys == {keys[1], keys[2]}  # corrupt entries count as encoded, not as hits
         assert store.verify() == []
         torch.testing.assert_close(store.get(keys[1], fp).features, feats[1].features, rtol=1e-3, atol=1e-3)
 

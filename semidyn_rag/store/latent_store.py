@@ -87,6 +87,7 @@ class FetchResult:
     hits: int
     encoded: int
     corrupt: list[str] = field(default_factory=list)
+    encoded_keys: set[str] = field(default_factory=set)  # keys that were encoded now (missing or corrupt)
 
 
 class LatentStore:
@@ -369,4 +370,4 @@ class LatentStore:
                 self.put_many(new.items())
             found.update(new)
         hits = sum(1 for k in keys if k not in miss)
-        return FetchResult([found[k] for k in keys], keys, hits, len(keys) - hits, corrupt)
+        return FetchResult([found[k] for k in keys], keys, hits, len(keys) - hits, corrupt, set(miss))
