@@ -23,13 +23,13 @@ _ENCODER_ONLY_TYPES = frozenset(
 )
 
 
-def resolve_name(name: str) -> tuple[str, str | None]:
-    """Return ``(path_or_id, gguf_file)`` for a model name, resolving ``embedded:`` names."""
+def resolve_name(name: str) -> str:
+    """The path or hub id behind a model name (``embedded:`` names become local folders)."""
     if name.startswith("embedded:"):
         from .embedded import resolve_embedded
 
-        return resolve_embedded(name.removeprefix("embedded:")), None
-    return name, None
+        return resolve_embedded(name.removeprefix("embedded:"))
+    return name
 
 
 def _pretrained_kwargs(gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool) -> dict:
@@ -46,11 +46,10 @@ def load_tokenizer(
     name: str, gguf_file: str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
     """Load the tokenizer of ``name`` (hub id, folder, or folder + GGUF file)."""
-    path, embedded_gguf = resolve_name(name)
     kwargs = {"trust_remote_code": trust_remote_code}
-    if gguf_file or embedded_gguf:
-        kwargs["gguf_file"] = gguf_file or embedded_gguf
-    return AutoTokenizer.from_pretrained(path, **kwargs)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    return AutoTokenizer.from_pretrained(resolve_name(name), **kwargs)
 
 
 def load_encoder_model(
@@ -62,10 +61,7 @@ def load_encoder_model(
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load the encoder as a bare transformer (no LM head), optionally cut to its first layers."""
-    path, embedded_gguf = resolve_name(name)
-    model = AutoModel.from_pretrained(
-        path, **_pretrained_kwargs(gguf_file or embedded_gguf, dtype, trust_remote_code)
-    )
+    model = AutoModel.from_pretrained(resolve_name(name), **_pretrained_kwargs(gguf_file, dtype, trust_remote_code))
     if num_layers is not None:
         truncate_layers(model, num_layers)
     return model
@@ -75,9 +71,8 @@ def load_decoder_model(
     name: str, *, dtype: torch.dtype, gguf_file: str | None = None, trust_remote_code: bool = False
 ) -> nn.Module:
     """Load the decoder as a causal LM."""
-    path, embedded_gguf = resolve_name(name)
     return AutoModelForCausalLM.from_pretrained(
-        path, **_pretrained_kwargs(gguf_file or embedded_gguf, dtype, trust_remote_code)
+        resolve_name(name), **_pretrained_kwargs(gguf_file, dtype, trust_remote_code)
     )
 
 

@@ -13,7 +13,6 @@ modes clamp to the ends of the set. Ties go to the smaller value (more fidelity)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import overload
 
@@ -110,7 +109,3 @@ def _quantize(value: torch.Tensor, candidates: tuple[int, ...], mode: str, space
         idx = dist.argmin(-1)  # argmin returns the first minimum: ties go to the smaller one
     return torch.tensor(candidates, dtype=torch.long)[idx]
 
-
-def log2_factor(n_tokens: int, n_latents: int) -> float:
-    """log2 of the compression factor a context of ``n_tokens`` got with ``n_latents`` latents."""
-    return math.log2(n_tokens / n_latents)

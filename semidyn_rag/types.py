@@ -23,10 +23,6 @@ class ContextFeatures:
     n_tokens: int  # source tokens of the context (eos not counted)
     fingerprint: str  # of the encoder side that produced the features
 
-    @property
-    def feature_width(self) -> int:
-        return int(self.features.shape[-1])
-
 
 @dataclass(frozen=True)
 class CompressedContext:
