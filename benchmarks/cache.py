@@ -131,7 +131,7 @@ def run(args) -> dict:
         get = {b: read_rate(lambda g: store.get_many(g, fp), sample, b, reps) for b in (1, 5, 50, 500)}
         lat = {b: read_rate(lambda g: comp.compress_features(list(store.get_many(g, fp).values())), sample, b, reps)
                for b in (5, 50)}
-        print(f"  store.get_many: " + ", ".join(f"batch {b}: {r['chunks_s']:,.0f}/s" for b, r in get.items()))
+        print("  store.get_many: " + ", ".join(f"batch {b}: {r['chunks_s']:,.0f}/s" for b, r in get.items()))
 
         # where the time of a 500-key read goes
         conn = sqlite3.connect(f"file:{work / 'latents.sqlite'}?mode=ro", uri=True)

@@ -101,7 +101,7 @@ def test_malformed_rows_are_named(tmp_path):
         load_qa_dataset(bad)
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
-    with pytest.raises(DatasetError, match=r"broken\.jsonl line 2: not valid JSON"):
+    with pytest.raises(DatasetError, match=r"broken\.jsonl line 2: invalid JSON"):
         load_qa_dataset(broken)
     pq.write_table(pa.Table.from_pylist([{"question": "q?", "answers": ["a"]}, {"question": "q2?", "answers": []}]),
                    tmp_path / "bad.parquet")
@@ -217,6 +217,20 @@ def test_answers_equal_the_core_api(tmp_path, dataset, comp):
     tuned_pred = {d["sample_id"]: d["prediction"] for d in _lines(tuned_out)}
     assert tuned_pred["q2"] == decode(tuned)
     assert any(tuned_pred[r["id"]] != pred[("uncompressed", r["id"])] for r in ROWS)  # the flag changes answers
+
+
+def test_batched_decoding_gives_the_same_answers(tmp_path, dataset, comp):
+    single, batched = tmp_path / "single", tmp_path / "batched"
+    kw = dict(systems=["uncompressed", "no_context", "fixed", "semi_dynamic"], max_new_tokens=4)
+    run_evaluation(_config(dataset, single, **kw), compressor=comp)
+    out = run_evaluation(_config(dataset, batched, decode_batch_size=3, **kw), compressor=comp)
+    one, many = _lines(single), _lines(batched)
+    assert len(many) == len(one) == N_SYSTEMS * len(ROWS)
+    assert [_untimed(d) for d in many] == [_untimed(d) for d in one]  # prefill lengths and answers too
+    assert json.loads((batched / "run.json").read_text())["decode_batch_size"] == 3
+    assert out.computed == len(many)
+    with pytest.raises(EvalError, match="decode_batch_size"):  # batching is part of what a run is
+        run_evaluation(_config(dataset, batched, **kw), compressor=comp)
 
 
 def test_each_context_is_encoded_once(tmp_path, dataset, comp, monkeypatch):

@@ -81,8 +81,9 @@ def test_losses_drop(tiny_dirs, train_file, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_dirs, train_file, tmp_path):
-    # LoRA dropout and reconstruction draws exercise the RNG restore; grad_accum the data position
-    kw = dict(compressor={"decoder_lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
+    # LoRA dropout and reconstruction draws exercise the RNG restore; grad_accum the data position;
+    # the projector calibration runs on the fresh start only (a resumed run keeps its weights)
+    kw = dict(compressor={"decoder_lora": {"r": 4, "alpha": 8, "dropout": 0.1}}, calibrate_projector=8,
               objective={"reconstruction_prob": 0.5}, optim={"max_steps": 6, "grad_accum": 2, "warmup_steps": 2})
     full = tmp_path / "full"
     train(make_config(tiny_dirs, train_file, full, save_every=3, **kw))

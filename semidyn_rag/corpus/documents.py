@@ -8,13 +8,14 @@ Each skip is logged with its reason and counted, so precompress can report them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..jsonl import iter_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -135,16 +136,9 @@ def _load_jsonl(file: Path, rel: str, report: LoadReport, text_field: str, id_fi
     if content is None:
         report.skip(rel, reason, detail)
         return
-    for n, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{rel}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            report.skip(where, "bad-record", f"invalid JSON ({e.msg})")
-            continue
-        doc = _record_document(obj, where, report, text_field, id_field, source=rel)
+    for n, obj in iter_json_lines(content.splitlines(), lambda n, problem: report.skip(f"{rel}:{n}", "bad-record",
+                                                                                      problem)):
+        doc = _record_document(obj, f"{rel}:{n}", report, text_field, id_field, source=rel)
         if doc is not None:
             yield doc
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..jsonl import iter_json_lines
+
 
 class DatasetError(ValueError):
     """A dataset cannot be loaded, or one of its rows is malformed (the message names the row)."""
@@ -158,17 +160,12 @@ def _collect(rows: Iterable[tuple[str, str, object]]) -> list[QASample]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, str, object]]:
+    def bad(lineno: int, problem: str):
+        raise DatasetError(f"{path} line {lineno}: {problem}")
+
     with path.open(encoding="utf-8") as f:
-        n = 0
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+        for n, (lineno, row) in enumerate(iter_json_lines(f, bad)):
             yield f"{path} line {lineno}", str(n), row
-            n += 1
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, str, object]]:

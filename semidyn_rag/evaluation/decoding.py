@@ -65,7 +65,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
 def timed_generate(
     decoder: LatentDecoder,
     prompt_ids: list[int],
@@ -79,19 +78,48 @@ def timed_generate(
     Uses exactly the generation settings of ``LatentDecoder.generate`` (greedy, the
     tokenizer's pad token), so answers equal ``SemiDynamicCompressor.generate`` for batch 1.
     """
+    return timed_generate_batch(decoder, [prompt_ids], [latents], max_new_tokens=max_new_tokens, base=base)[0]
+
+
+@torch.inference_mode()
+def timed_generate_batch(
+    decoder: LatentDecoder,
+    prompt_ids: list[list[int]],
+    latents: list[list[torch.Tensor]],
+    *,
+    max_new_tokens: int,
+    base: bool = False,
+) -> list[Generation]:
+    """Greedy-decode several prompts as one left-padded batch.
+
+    Each answer's ``prefill_s`` and ``decode_s`` are the batch's times divided by its size
+    (a per-question share of the throughput, not the latency one question would see alone);
+    with one prompt they are that prompt's own times.
+    """
     model = decoder.model
     device = model.get_input_embeddings().weight.device
     clock = _FirstTokenClock()
-    kwargs = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-              "pad_token_id": decoder.tokenizer.pad_token_id}
+    pad = decoder.tokenizer.pad_token_id
+    kwargs = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "pad_token_id": pad}
     with decoder_mode(model, base):
         _sync(device)
         t0 = time.perf_counter()
-        inp = decoder.expand([prompt_ids], [[x.to(device) for x in latents]])
+        inp = decoder.expand(prompt_ids, [[x.to(device) for x in lat] for lat in latents])
         out = model.generate(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask,
                              max_new_tokens=max_new_tokens, streamer=clock, **kwargs)
         _sync(device)
         t1 = time.perf_counter()
     first = clock.first if clock.first is not None else t1
-    text = decoder.tokenizer.decode(out[0], skip_special_tokens=True)
-    return Generation(text, int(out.shape[1]), int(inp.inputs_embeds.shape[1]), first - t0, t1 - first)
+    n = len(prompt_ids)
+    prefill = inp.attention_mask.sum(1).tolist()
+    return [Generation(decoder.tokenizer.decode(row, skip_special_tokens=True), _new_tokens(row, decoder.tokenizer),
+                       int(prefill[i]), (first - t0) / n, (t1 - first) / n) for i, row in enumerate(out)]
+
+
+def _new_tokens(row: torch.Tensor, tokenizer) -> int:
+    """Tokens generated for one row of a batch: up to and including its first end token."""
+    ends = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    for i, t in enumerate(row.tolist()):
+        if t in ends:
+            return i + 1
+    return int(row.shape[0])

@@ -100,6 +100,8 @@ class TrainConfig(BaseModel):
     output_dir: str = "runs/train"
     precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
     gradient_checkpointing: bool = False
+    calibrate_projector: int = Field(0, ge=0, description="Training contexts used for the data-dependent "
+                                     "projector init at step 0 (see training.calibration); 0 = off.")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations.")
     save_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int | None = Field(None, ge=1, description="Keep only the newest N; None = all.")

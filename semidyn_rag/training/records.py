@@ -14,12 +14,13 @@ Example line::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..jsonl import iter_json_lines
 
 Task = Literal["qa", "summary", "multi_doc_qa"]
 DEFAULT_SUMMARY_INSTRUCTION = "Summarize the context."
@@ -134,16 +135,13 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, TrainingRecord]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no training file at {path}")
+
+    def bad(lineno: int, problem: str):
+        raise RecordError(f"{path}:{lineno}: {problem}")
+
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            yield lineno, parse_record(obj, where)
+        for lineno, obj in iter_json_lines(fh, bad):
+            yield lineno, parse_record(obj, f"{path}:{lineno}")
 
 
 def load_records(paths: str | Path | Iterable[str | Path]) -> list[TrainingRecord]:

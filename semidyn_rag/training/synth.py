@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from ..jsonl import iter_json_lines
 from .data import context_key
 from .records import DEFAULT_SUMMARY_INSTRUCTION, TrainingRecord, iter_records, write_records
 from .teachers import Teacher
@@ -141,14 +142,11 @@ def _read_seed_file(path: Path, text_field: str) -> Iterable[tuple[str, str]]:
         for i, v in enumerate(table.column(col).to_pylist()):
             yield from _texts(v, f"{path}:{i}")
     elif path.suffix in (".jsonl", ".json"):
+        def bad(lineno: int, problem: str):
+            raise ValueError(f"{path}:{lineno}: {problem}")
+
         with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            for lineno, obj in iter_json_lines(fh, bad):
                 key = next((k for k in (text_field, "context", "text") if isinstance(obj, dict) and k in obj), None)
                 if key is None:
                     raise ValueError(f"{path}:{lineno}: no field {text_field!r}, 'context' or 'text'")
@@ -207,7 +205,7 @@ def parse_phase1(reply: str) -> tuple[list[tuple[str, str]], str | None]:
     qa, q = [], None
     summary = None
     for line in reply.splitlines():
-        m = re.match(r"\s*(?:\d+[.)]\s*)?(Q|Question|A|Answer|Summary)\s*\d*\s*[:.-]\s*(.+)", line, re.I)
+        m = re.match(r"\s*(?:\d+[.)]\s*)?(Q|Question|A|Answer|Summary)\s*\d*\s*[:.-]\s*(.+)", line, re.IGNORECASE)
         if not m:
             continue
         tag, text = m.group(1).lower(), m.group(2).strip()
@@ -273,7 +271,7 @@ def check_summary(summary: str | None, context: str, limits: Limits, *, concise:
 def clean_concise(reply: str) -> str:
     """The concise summary without a leading label or quotes."""
     text = reply.strip()
-    text = re.sub(r"^(ultra[- ]concise\s+)?summary\s*:\s*", "", text, flags=re.I)
+    text = re.sub(r"^(ultra[- ]concise\s+)?summary\s*:\s*", "", text, flags=re.IGNORECASE)
     return text.strip().strip('"').strip()
 
 
@@ -295,13 +293,8 @@ def _read_state(path: Path, retry_rejected: bool) -> dict[str, dict]:
     done: dict[str, dict] = {}
     if not path.is_file():
         return done
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash mid-write: the seed is asked again
+    # a line cut by a crash mid-write is skipped: its seed is asked again
+    for _, row in iter_json_lines(path.read_text(encoding="utf-8").splitlines(), lambda n, problem: None):
         if retry_rejected and row.get("failed"):
             continue
         done[row["seed_id"]] = row

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..compressor import SemiDynamicCompressor
+from .calibration import calibrate_projector
 from .config import TrainConfig
 from .data import BatchOrder, collate, load_examples, split_by_context
 from .metrics import MetricsLog, plot_metrics
@@ -101,6 +102,10 @@ class Trainer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.step = 0
         self._resume()
+        if self.step == 0 and config.calibrate_projector and config.init_from is None:
+            unique = {tuple(c): None for ex in self.train_examples for c in ex.context_ids}
+            ctx = list(unique)[: config.calibrate_projector]
+            self.calibration = calibrate_projector(self.comp, ctx)
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -530,4 +535,4 @@ def _load_rng(stem: Path) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-__all__ = ["Trainer", "TrainResult", "train"]
+__all__ = ["TrainResult", "Trainer", "train"]
