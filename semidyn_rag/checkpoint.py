@@ -9,6 +9,10 @@ Own layout (the folder mirrors the pipeline; safetensors and JSON only)::
     projector/model.safetensors
     decoder/                     PEFT adapter, full weights, or absent
 
+``export_compressor`` writes a copy whose large trained tensors are bf16 (about half the size;
+what ships inside the package). Fingerprints hash weights at bf16 resolution, so the copy
+keeps the source's fingerprint and every latent store built with it stays valid.
+
 Authors' layout (read only): ``config.json`` with ``comp_ratio_or_len``,
 ``feature_extract_method`` etc., ``encoder/`` and ``decoder/`` PEFT adapters, and a torch-saved
 ``projector.pth`` holding ``{"projector": ..., "compress_ratio_head": ...}``, loaded with
@@ -19,6 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,6 +68,71 @@ def save_compressor(comp, path) -> None:
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "compressor": cfg.model_dump(mode="json"),
             "fingerprint": comp.fingerprint, "feature_fingerprint": comp.feature_fingerprint}
     _atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
+
+
+# Tensors smaller than this stay fp32 in an export: norms and the density head cost nothing, and
+# the head's precision decides factors near a selector boundary.
+_KEEP_FP32_BELOW = 65536
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``export_compressor`` wrote: sizes before and after, and the tensors it cast."""
+
+    path: Path
+    bytes_before: int
+    bytes_after: int
+    tensors_cast: int
+    tensors_kept: int
+
+
+def export_compressor(src, dst, *, overwrite: bool = False, keep_fp32_below: int = _KEEP_FP32_BELOW) -> ExportReport:
+    """Copy the checkpoint at ``src`` (own layout) to ``dst`` with float tensors in bf16.
+
+    Tensors with fewer than ``keep_fp32_below`` elements stay fp32.
+    Raises CheckpointError for an authors'-layout or foreign folder, or an existing ``dst``
+    (unless ``overwrite``). ``dst`` appears complete or not at all.
+    """
+    src, dst = Path(src), Path(dst)
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{src} has no config.json: not a compressor checkpoint")
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{src} is not in the semidyn-rag layout (the authors' layout is read-only)")
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    cast = kept = before = after = 0
+    try:
+        for file in sorted(src.rglob("*")):
+            if not file.is_file():
+                continue
+            out = tmp / file.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            before += file.stat().st_size
+            if file.suffix == ".safetensors":
+                state = load_file(str(file))
+                for k, v in state.items():
+                    if v.is_floating_point() and v.numel() >= keep_fp32_below:
+                        state[k] = v.to(torch.bfloat16)
+                        cast += 1
+                    else:
+                        kept += 1
+                save_file(state, str(out))
+            elif file.name == "config.json" and file.parent == src:
+                out.write_text(json.dumps({**raw, "weights_dtype": "bfloat16"}, indent=2))
+            else:
+                shutil.copy2(file, out)
+            after += out.stat().st_size
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportReport(dst, before, after, cast, kept)
 
 
 def load_compressor(cls, path_or_id: str, *, check_fingerprint: bool = True, is_trainable: bool = False,

@@ -40,6 +40,32 @@ def test_save_load_roundtrip(compressor, tmp_path):
     _same_outputs(compressor, loaded)
 
 
+def test_bf16_export_keeps_fingerprint_and_outputs(compressor, tmp_path, capsys):
+    from semidyn_rag.checkpoint import export_compressor
+    from semidyn_rag.cli import main
+
+    _perturb_adapters(compressor)
+    compressor.save_pretrained(tmp_path / "ck")
+    report = export_compressor(tmp_path / "ck", tmp_path / "small", keep_fp32_below=256)
+    assert report.tensors_cast > 0 and report.bytes_after < 0.75 * report.bytes_before
+    small = SemiDynamicCompressor.from_pretrained(str(tmp_path / "small"))  # the fingerprint check passes
+    assert small.fingerprint == compressor.fingerprint
+    assert json.loads((tmp_path / "small" / "config.json").read_text())["weights_dtype"] == "bfloat16"
+    # bf16 adapters move y_hat a little (a context at a selector boundary may change factor)
+    ca, cb = compressor.compress(TEXTS, factor=4), small.compress(TEXTS, factor=4)
+    spread = max(c.y_hat for c in ca) - min(c.y_hat for c in ca)  # the random test head is steep
+    for x, y in zip(ca, cb):
+        assert abs(x.y_hat - y.y_hat) <= 0.1 * spread
+        assert (x.latents - y.latents).norm() <= 0.02 * x.latents.norm()
+    with pytest.raises(CheckpointError, match="exists"):
+        export_compressor(tmp_path / "ck", tmp_path / "small")
+    with pytest.raises(CheckpointError, match="not a compressor checkpoint"):
+        export_compressor(tmp_path / "nothing", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    assert main(["export", str(tmp_path / "ck"), str(tmp_path / "cli"), "--verify"]) == 0
+    assert "fingerprint same" in capsys.readouterr().out
+
+
 def test_compression_tokens_and_full_encoder_roundtrip(make_compressor, tmp_path):
     comp = make_compressor(backbone="compression_tokens", lengths=(2, 4), encoder_training="full",
                            decoder_training="frozen")

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "train": "train",
     "eval": "evaluate",
     "import-latents": "import_latents",
+    "export": "export",
 }
 
 
