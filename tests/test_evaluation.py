@@ -233,6 +233,29 @@ def test_batched_decoding_gives_the_same_answers(tmp_path, dataset, comp):
         run_evaluation(_config(dataset, batched, **kw), compressor=comp)
 
 
+def test_baselines_are_reused_from_another_checkpoints_run(tmp_path, dataset, ckpt, comp):
+    first = tmp_path / "first"
+    kw = dict(systems=["uncompressed", "no_context", "fixed"], factors=[4], max_new_tokens=3)
+    run_evaluation(_config(dataset, first, **kw), compressor=comp)
+    other = SemiDynamicCompressor.from_pretrained(str(ckpt))
+    with torch.no_grad():
+        other.projector.down_proj.weight.mul_(2.0)  # another checkpoint of the same base models
+    assert other.fingerprint != comp.fingerprint
+    second = tmp_path / "second"
+    out = run_evaluation(_config(dataset, second, reuse_baselines=str(first), **kw), compressor=other)
+    assert out.computed == len(ROWS) and out.reused == 2 * len(ROWS)  # only fixed_x4 is answered anew
+    a = {(d["system"], d["sample_id"]): d for d in _lines(first)}
+    b = {(d["system"], d["sample_id"]): d for d in _lines(second)}
+    for k in b:
+        if k[0] != "fixed_x4":
+            assert b[k] == a[k]
+    with pytest.raises(EvalError, match="differs in: max_new_tokens"):
+        run_evaluation(_config(dataset, tmp_path / "third", reuse_baselines=str(first), **{**kw, "max_new_tokens": 2}),
+                       compressor=other)
+    with pytest.raises(EvalError, match="not an eval folder"):
+        run_evaluation(_config(dataset, tmp_path / "fourth", reuse_baselines=str(tmp_path), **kw), compressor=other)
+
+
 def test_each_context_is_encoded_once(tmp_path, dataset, comp, monkeypatch):
     encoded: list[str] = []
     real = comp.encode

@@ -75,6 +75,9 @@ def register(subparsers) -> None:
     p.add_argument("--baseline-decoder", choices=("base", "tuned"), default="base",
                    help="decoder for uncompressed/no-context/LLMLingua: base LLM (adapters off) or tuned")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per encoder batch")
+    p.add_argument("--reuse-baselines", metavar="DIR",
+                   help="copy the text baselines' answers from an earlier eval folder of the same setup "
+                        "(another checkpoint of the same base model)")
     p.add_argument("--decode-batch-size", type=int, default=1,
                    help="questions decoded together (default 1: per-question latencies; more = faster runs, "
                         "latencies become per-question shares of a batch)")
@@ -95,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         k=args.k, corpus=args.corpus, retriever=args.retriever, systems=args.systems, factors=args.factors,
         limit=args.limit, seed=args.seed, max_new_tokens=args.max_new_tokens,
         question_suffix=args.question_suffix, baseline_decoder=args.baseline_decoder,
-        batch_size=args.batch_size, decode_batch_size=args.decode_batch_size, llmlingua=args.llmlingua, device=args.device,
+        batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
+        reuse_baselines=args.reuse_baselines, llmlingua=args.llmlingua, device=args.device,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
     if args.scales is not None:

@@ -76,6 +76,9 @@ class EvalConfig(BaseModel):
     question_suffix: str = Field("", description="Appended to every question, e.g. ' Answer briefly.'")
     baseline_decoder: Literal["base", "tuned"] = "base"
     batch_size: int = Field(16, ge=1, description="Contexts per encoder batch.")
+    reuse_baselines: str | None = Field(None, description="An earlier eval folder whose text-baseline answers "
+                                        "(uncompressed, no context, LLMLingua-2) are copied instead of recomputed; "
+                                        "it must match this run in everything but the compressor.")
     decode_batch_size: int = Field(1, ge=1, description="Questions of one system decoded as one batch; "
                                    "> 1 reports latencies as per-question shares of the batch.")
     warmup: int = Field(2, ge=0, description="Untimed generate calls before timing starts.")
@@ -140,6 +143,8 @@ def run_evaluation(config: EvalConfig, compressor: SemiDynamicCompressor | None 
 
     systems, skipped = build_systems(comp, config.systems, factors=config.factors, scales=config.scales,
                                      llmlingua=config.llmlingua, llmlingua_model=config.llmlingua_model)
+    if config.reuse_baselines:
+        _import_baselines(Path(config.reuse_baselines), key, log, systems, questions)
     pending = [(s, q) for s in systems for q in questions if (s.name, q.id) not in log]
     reused = len(systems) * len(questions) - len(pending)
     reads = _run_pending(config, comp, all_samples, pending, log, baseline_base, out) if pending else {}
@@ -187,7 +192,46 @@ def _run_key(config: EvalConfig, comp, samples: Sequence[QASample], baseline_bas
         "compressor_fingerprint": comp.fingerprint, "max_new_tokens": config.max_new_tokens,
         "question_suffix": config.question_suffix, "baseline_decoder_is_base": baseline_base,
         "decode_batch_size": config.decode_batch_size,
+        "baseline_fingerprint": _baseline_fingerprint(comp, config),
     }
+
+
+def _baseline_fingerprint(comp, config: EvalConfig) -> str:
+    """What text-baseline answers depend on: the base decoder, its tokenizer and prompt template."""
+    tok = comp.decoder.tokenizer
+    h = hashlib.sha256(comp._base_signature[1].encode())
+    h.update(json.dumps([len(tok), getattr(tok, "chat_template", None) or "", config.llmlingua_model]).encode())
+    return h.hexdigest()[:32]
+
+
+# Run-key fields that may differ between runs whose text baselines are interchangeable.
+_BASELINE_FREE = {"compressor_fingerprint"}
+
+
+def _import_baselines(src: Path, key: dict, log: ResultLog, systems: list[System], questions) -> int:
+    """Copy text-baseline answers from the eval folder ``src`` into ``log``; return how many."""
+    run_file = src / "run.json"
+    if not run_file.is_file():
+        raise EvalError(f"--reuse-baselines {src}: no run.json there (not an eval folder)")
+    other = json.loads(run_file.read_text())
+    if not (key["baseline_decoder_is_base"] and other.get("baseline_decoder_is_base")):
+        raise EvalError("--reuse-baselines needs both runs to read baselines with the base decoder")
+    diff = sorted(k for k in (set(other) | set(key)) - _PATH_KEYS - _BASELINE_FREE if other.get(k) != key.get(k))
+    if diff:
+        raise EvalError(f"--reuse-baselines {src}: its baselines come from another setup (differs in: "
+                        f"{', '.join(diff)})")
+    theirs = ResultLog(src / "samples.jsonl").results
+    n = 0
+    for system in systems:
+        if not system.baseline:
+            continue
+        for q in questions:
+            r = theirs.get((system.name, q.id))
+            if r is not None and (system.name, q.id) not in log:
+                log.append(r)
+                n += 1
+    logger.info("reused %d baseline answers from %s", n, src)
+    return n
 
 
 def _corpus_digest(path: str) -> str:
