@@ -1,0 +1,33 @@
+"""The trained embedded default shipped inside the package: complete, small, bf16, with its card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from semidyn_rag.embedded import SHIPPED_COMPRESSOR, default_compressor_path
+
+pytestmark = pytest.mark.skipif(not (SHIPPED_COMPRESSOR / "config.json").is_file(),
+                                reason="no trained default shipped in this build")
+
+
+def test_shipped_checkpoint_is_complete_and_small():
+    files = [p for p in SHIPPED_COMPRESSOR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    for part in ("config.json", "card.json", "encoder/adapter_model.safetensors", "decoder/adapter_model.safetensors",
+                 "projector/model.safetensors", "density_head/model.safetensors"):
+        assert (SHIPPED_COMPRESSOR / part).is_file(), part
+    cfg = json.loads((SHIPPED_COMPRESSOR / "config.json").read_text())
+    assert cfg["format"] == "semidyn-rag" and cfg["weights_dtype"] == "bfloat16"
+    assert cfg["compressor"]["encoder"] == cfg["compressor"]["decoder"] == "embedded:smollm2"
+    with safe_open(str(SHIPPED_COMPRESSOR / "projector" / "model.safetensors"), "pt") as f:
+        assert str(f.get_slice("down_proj.weight").get_dtype()) == "BF16"
+
+
+def test_default_path_prefers_the_shipped_checkpoint():
+    assert default_compressor_path() == (SHIPPED_COMPRESSOR, True)
+    card = json.loads((SHIPPED_COMPRESSOR / "card.json").read_text())
+    systems = card["heldout_eval"]["systems"]
+    assert card["heldout_eval"]["questions"] >= 500 and {"uncompressed", "no_context"} <= set(systems)
