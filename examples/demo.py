@@ -55,9 +55,13 @@ def describe_card(path) -> str:
     lines = [f"Compressor: {c['name']}, trained {t['steps']} steps ({t['samples']} samples, "
              f"{t['cpu_seconds'] / 3600:.1f} h on 2 CPU cores)."]
     base = ", ".join(f"{k} {sy[k]['accuracy']:.1%}" for k in ("uncompressed", "no_context") if k in sy)
-    semi = [f"{k.removeprefix('semi_dynamic_')} {v['accuracy']:.1%} at {v['ratio_all']:.1f}x"
-            for k, v in sy.items() if k.startswith("semi_dynamic")]
-    lines.append(f"Held out ({e['questions']} questions, gold context): {base}; semi-dynamic " + ", ".join(semi) + ".")
+    semi = {k: v for k, v in sy.items() if k.startswith("semi_dynamic") and v.get("mean_ratio")}
+    shown = [f"{k.removeprefix('semi_dynamic_')} {v['accuracy']:.1%} at {v['mean_ratio']:.1f}x" for k, v in semi.items()]
+    lines.append(f"Held out ({e['questions']} questions, gold context): {base}; semi-dynamic " + ", ".join(shown) + ".")
+    best = max((v["accuracy"] for v in semi.values() if v["mean_ratio"] >= 4), default=None)
+    if best is not None and "no_context" in sy and best < 1.5 * sy["no_context"]["accuracy"]:
+        lines.append("That is below the first quality milestone (1.5x the no-context accuracy at 4x or more): "
+                     "compressed answers are only slightly better than none (recipes/embedded_default).")
     lines.append("A 135M-parameter model: expect short, often wrong answers either way.")
     return "\n".join(lines)
 

@@ -70,9 +70,10 @@ def save_compressor(comp, path) -> None:
     _atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
 
 
-# Tensors smaller than this stay fp32 in an export: norms and the density head cost nothing, and
+# Tensors smaller than this stay fp32 in an export (LoRA matrices are r x d, a few thousand
+# elements and up, so they are cast): norms and the density head cost nothing, and
 # the head's precision decides factors near a selector boundary.
-_KEEP_FP32_BELOW = 65536
+_KEEP_FP32_BELOW = 2048
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,15 @@ def test_demo_describes_the_shipped_compressor_from_its_card(tmp_path):
     demo = runpy.run_path(str(EXAMPLES / "demo.py"))  # not __main__: only defines its functions
     card = {"name": "embedded default", "training": {"steps": 1200, "samples": 4800, "cpu_seconds": 5400},
             "heldout_eval": {"questions": 500, "systems": {
-                "uncompressed": {"accuracy": 0.19, "ratio_all": 1.0},
-                "no_context": {"accuracy": 0.074, "ratio_all": None},
-                "semi_dynamic_s+0": {"accuracy": 0.12, "ratio_all": 4.6}}}}
+                "uncompressed": {"accuracy": 0.19, "mean_ratio": 1.0},
+                "no_context": {"accuracy": 0.074, "mean_ratio": None},
+                "semi_dynamic_s+0": {"accuracy": 0.09, "mean_ratio": 4.6}}}}
     (tmp_path / "card.json").write_text(json.dumps(card))
     text = demo["describe_card"](tmp_path / "card.json")
     assert "1200 steps (4800 samples, 1.5 h" in text
-    assert "uncompressed 19.0%, no_context 7.4%" in text and "s+0 12.0% at 4.6x" in text
+    assert "uncompressed 19.0%, no_context 7.4%" in text and "s+0 9.0% at 4.6x" in text
+    assert "below the first quality milestone" in text  # 9.0% < 1.5 x 7.4%
+    card["heldout_eval"]["systems"]["semi_dynamic_s+0"]["accuracy"] = 0.12
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    assert "milestone" not in demo["describe_card"](tmp_path / "card.json")
     assert "no model card" in demo["describe_card"](tmp_path / "missing.json")

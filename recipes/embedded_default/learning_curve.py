@@ -5,7 +5,8 @@ evaluation folders written by ``semidyn-rag eval`` at some checkpoints. Writes a
 plotted numbers as JSON next to it.
 
     python recipes/embedded_default/learning_curve.py --run calibrated=runs/run \
-        --run "no calibration"=runs/run-uncalibrated --accuracy 1200=runs/eval-final --out runs/curve.png
+        --run "no calibration"=runs/run-uncalibrated --accuracy calibrated@1200=runs/eval-final \
+        --accuracy "no calibration@500"=runs/eval-uncalibrated --out runs/curve.png
 """
 
 from __future__ import annotations
@@ -30,16 +31,16 @@ def read_run(folder: Path, smooth: int = 25) -> dict:
             "eval_mse": [[r["step"] * per_step, r.get("mse")] for r in evals]}
 
 
-def read_accuracy(folder: Path) -> dict[str, float]:
+def read_accuracy(folder: Path) -> dict:
     data = json.loads((folder / "results.json").read_text())
-    return {s["system"]: s["accuracy"] for s in data["systems"]}
+    return {"n": data["meta"]["n_questions"], "accuracy": {s["system"]: s["accuracy"] for s in data["systems"]}}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="a training output folder")
-    p.add_argument("--accuracy", action="append", default=[], metavar="STEP=EVALDIR",
-                   help="an eval folder of the first run's checkpoint at STEP")
+    p.add_argument("--accuracy", action="append", default=[], metavar="RUN@STEP=EVALDIR",
+                   help="an eval folder of run RUN's checkpoint at STEP")
     p.add_argument("--out", required=True, help="PNG path (the JSON goes next to it)")
     args = p.parse_args(argv)
     import matplotlib
@@ -48,9 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     runs = {name: read_run(Path(d)) for name, d in (r.split("=", 1) for r in args.run)}
-    first = next(iter(runs.values()))
-    acc = {int(step) * first["samples_per_step"]: read_accuracy(Path(d))
-           for step, d in (a.split("=", 1) for a in args.accuracy)}
+    acc: dict[str, dict[int, dict]] = {}
+    for item in args.accuracy:
+        where, d = item.split("=", 1)
+        name, step = where.rsplit("@", 1)
+        if name not in runs:
+            p.error(f"--accuracy {item}: no --run named {name!r}")
+        acc.setdefault(name, {})[int(step) * runs[name]["samples_per_step"]] = read_accuracy(Path(d))
     panels = 2 if acc else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
@@ -67,25 +72,28 @@ def main(argv: list[str] | None = None) -> int:
     ax.legend(fontsize=8)
     if acc:
         ax = axes[0][1]
-        samples = sorted(acc)
-        systems = sorted({s for a in acc.values() for s in a if s not in ("uncompressed", "no_context")})
-        for i, s in enumerate(systems):
-            pts = [(n, acc[n][s]) for n in samples if s in acc[n]]
-            ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=s)
+        marks = {"semi_dynamic_s+0": ("o", "-"), "fixed_x4": ("s", "--"), "fixed_x8": ("^", ":")}
+        for i, name in enumerate(runs):
+            points = acc.get(name, {})
+            for system, (marker, style) in marks.items():
+                pts = [(n, a["accuracy"][system]) for n, a in sorted(points.items()) if system in a["accuracy"]]
+                if pts:
+                    ax.plot(*zip(*pts), marker=marker, ls=style, color=f"C{i}", label=f"{name}: {system}")
+        biggest = max((a for pts in acc.values() for a in pts.values()), key=lambda a: a["n"])
         for base, style in (("uncompressed", "--"), ("no_context", ":")):
-            vals = [acc[n][base] for n in samples if base in acc[n]]
-            if vals:
-                ax.axhline(vals[-1], color="k", ls=style, lw=1, label=base)
+            if base in biggest["accuracy"]:
+                ax.axhline(biggest["accuracy"][base], color="k", ls=style, lw=1, label=f"{base} ({biggest['n']} q)")
         ax.set_xlabel("training samples seen")
-        ax.set_ylabel("substring accuracy (held-out)")
-        ax.set_title("Held-out QA accuracy")
+        ax.set_ylabel("substring accuracy (held-out, gold context)")
+        ax.set_title("Held-out QA accuracy (question counts in the README)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    out.with_suffix(".json").write_text(json.dumps({"runs": runs, "accuracy": {str(k): v for k, v in acc.items()}},
+    out.with_suffix(".json").write_text(json.dumps({"runs": runs, "accuracy": {k: {str(n): a for n, a in v.items()}
+                                                                            for k, v in acc.items()}},
                                                    indent=1))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
