@@ -353,3 +353,14 @@ def test_parse_scales():
     for bad in ("1:0:0.5", "a:b", "0:1"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_scales(bad)
+
+
+def test_a_damaged_result_log_names_its_line(tmp_path):
+    from semidyn_rag.evaluation.records import ResultLog
+
+    log = tmp_path / "samples.jsonl"
+    for text, problem in (("\nnot json\n", "invalid JSON"), ('{"a": 1}\n', "result line lacks")):
+        log.write_text(text)
+        with pytest.raises(ValueError, match=rf"samples.jsonl line {text.count(chr(10))}: not a result line "
+                                             rf"\({problem}.*delete the file"):
+            ResultLog(log)

@@ -13,6 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..jsonl import iter_json_lines
+
 logger = logging.getLogger(__name__)
 
 
@@ -122,14 +124,15 @@ class ResultLog:
             logger.warning("%s: dropping an incomplete last line (interrupted run)", self.path)
             with self.path.open("r+b") as f:
                 f.truncate(end)
-        for lineno, line in enumerate(raw[:end].decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        def bad(lineno: int, problem: str):
+            raise ValueError(f"{self.path} line {lineno}: not a result line ({problem}); "
+                             "delete the file or use another output directory")
+
+        for lineno, row in iter_json_lines(raw[:end].decode("utf-8").splitlines(), bad):
             try:
-                r = SampleResult.from_json(json.loads(line))
+                r = SampleResult.from_json(row)
             except (ValueError, TypeError) as e:
-                raise ValueError(f"{self.path} line {lineno}: not a result line ({e}); "
-                                 "delete the file or use another output directory") from None
+                bad(lineno, str(e))
             self.results[(r.system, r.sample_id)] = r
 
     def __contains__(self, key: tuple[str, str]) -> bool:

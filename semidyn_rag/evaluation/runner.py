@@ -37,13 +37,7 @@ from .decoding import has_adapters, timed_generate, timed_generate_batch
 from .metrics import exact_match, f1_score, substring_match, summarize
 from .records import ResultLog, SampleResult, SystemSummary
 from .retrieval import CorpusRetriever, DenseRetriever
-from .systems import (
-    DEFAULT_LLMLINGUA_MODEL,
-    FAMILIES,
-    ContextItem,
-    System,
-    build_systems,
-)
+from .systems import DEFAULT_LLMLINGUA_MODEL, FAMILIES, ContextItem, System, build_systems
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +210,7 @@ def _import_baselines(src: Path, key: dict, log: ResultLog, systems: list[System
     other = json.loads(run_file.read_text())
     if not (key["baseline_decoder_is_base"] and other.get("baseline_decoder_is_base")):
         raise EvalError("--reuse-baselines needs both runs to read baselines with the base decoder")
-    diff = sorted(k for k in (set(other) | set(key)) - _PATH_KEYS - _BASELINE_FREE if other.get(k) != key.get(k))
+    diff = _key_diff(other, key, ignore=_BASELINE_FREE)
     if diff:
         raise EvalError(f"--reuse-baselines {src}: its baselines come from another setup (differs in: "
                         f"{', '.join(diff)})")
@@ -246,12 +240,17 @@ def _corpus_digest(path: str) -> str:
 _PATH_KEYS = {"dataset", "corpus"}
 
 
+def _key_diff(old: dict, new: dict, ignore: set[str] = frozenset()) -> list[str]:
+    """Run-key fields on which two runs differ (paths may be spelled differently between runs;
+    their content digests are compared instead)."""
+    return sorted(k for k in (set(old) | set(new)) - _PATH_KEYS - ignore if old.get(k) != new.get(k))
+
+
 def _open_log(out: Path, key: dict, overwrite: bool) -> ResultLog:
     run_file, log_file = out / "run.json", out / "samples.jsonl"
     if run_file.is_file() and not overwrite:
         old = json.loads(run_file.read_text())
-        # Paths may be spelled differently between runs; their content digests must match.
-        diff = sorted(k for k in (set(old) | set(key)) - _PATH_KEYS if old.get(k) != key.get(k))
+        diff = _key_diff(old, key)
         if diff:
             raise EvalError(f"{out} holds results of another run (differs in: {', '.join(diff)}); "
                             "use another --out, or --overwrite to discard them")

@@ -205,7 +205,7 @@ def parse_phase1(reply: str) -> tuple[list[tuple[str, str]], str | None]:
     qa, q = [], None
     summary = None
     for line in reply.splitlines():
-        m = re.match(r"\s*(?:\d+[.)]\s*)?(Q|Question|A|Answer|Summary)\s*\d*\s*[:.-]\s*(.+)", line, re.IGNORECASE)
+        m = re.match(r"\s*(?:\d+[.)]\s*)?(Q|Question|A|Answer|Summary)\s*\d*\s*[:.-]\s*(.+)", line, re.I)
         if not m:
             continue
         tag, text = m.group(1).lower(), m.group(2).strip()
@@ -271,7 +271,7 @@ def check_summary(summary: str | None, context: str, limits: Limits, *, concise:
 def clean_concise(reply: str) -> str:
     """The concise summary without a leading label or quotes."""
     text = reply.strip()
-    text = re.sub(r"^(ultra[- ]concise\s+)?summary\s*:\s*", "", text, flags=re.IGNORECASE)
+    text = re.sub(r"^(ultra[- ]concise\s+)?summary\s*:\s*", "", text, flags=re.I)
     return text.strip().strip('"').strip()
 
 

@@ -535,4 +535,4 @@ def _load_rng(stem: Path) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-__all__ = ["TrainResult", "Trainer", "train"]
+__all__ = ["Trainer", "TrainResult", "train"]
