@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_directory, atomic_path, atomic_write_text
 from .config import CompressorConfig
 
 FORMAT = "semidyn-rag"
@@ -67,7 +67,7 @@ def save_compressor(comp, path) -> None:
         _save_module(comp.backbone, path / "backbone")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "compressor": cfg.model_dump(mode="json"),
             "fingerprint": comp.fingerprint, "feature_fingerprint": comp.feature_fingerprint}
-    _atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
+    atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
 
 
 # Tensors smaller than this stay fp32 in an export (LoRA matrices are r x d, a few thousand
@@ -103,10 +103,8 @@ def export_compressor(src, dst, *, overwrite: bool = False, keep_fp32_below: int
         raise CheckpointError(f"{src} is not in the semidyn-rag layout (the authors' layout is read-only)")
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
     cast = kept = before = after = 0
-    try:
+    with atomic_directory(dst) as tmp:
         for file in sorted(src.rglob("*")):
             if not file.is_file():
                 continue
@@ -127,12 +125,6 @@ def export_compressor(src, dst, *, overwrite: bool = False, keep_fp32_below: int
             else:
                 shutil.copy2(file, out)
             after += out.stat().st_size
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportReport(dst, before, after, cast, kept)
 
 
@@ -283,9 +275,8 @@ def _require(path: Path | None, what: str) -> None:
 def _save_module(module: nn.Module, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / "model.safetensors")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
 
 
 def _load_module(module: nn.Module, folder: Path, what: str) -> None:
@@ -308,9 +299,3 @@ def _load_state(module: nn.Module, state: dict, where: str) -> None:
                                       shapes and "shape mismatch " + ", ".join(sorted(shapes))]))
         )
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-def _atomic_write_text(file: Path, text: str) -> None:
-    tmp = file.with_suffix(file.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)

@@ -116,6 +116,11 @@ class SemiDynamicCompressor(nn.Module):
         """Hash of what ``encode`` output depends on: the encoder side only (store key)."""
         return self._fingerprint("features")
 
+    @property
+    def decoder_base_signature(self) -> str:
+        """Hash of the frozen base decoder ("full" when it is fully trained): what text baselines read with."""
+        return self._base_signature[1]
+
     def _fingerprint(self, which: str) -> str:
         params = self._fingerprint_params(which)
         version = tuple((n, p.data_ptr(), p._version) for n, p in params)

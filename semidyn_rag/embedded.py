@@ -18,9 +18,9 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +65,9 @@ def smollm2_path() -> Path:
             str(gguf_dir), gguf_file=gguf.name, dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
         )
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        try:
+        with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -151,10 +147,6 @@ def default_compressor_path() -> tuple[Path, bool]:
         if not (target / "config.json").is_file():
             torch.manual_seed(0)
             comp = SemiDynamicCompressor(config, device="cpu")
-            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-            try:
+            with atomic_directory(target) as tmp:
                 comp.save_pretrained(tmp)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
     return target, False

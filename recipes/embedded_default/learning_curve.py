@@ -2,7 +2,8 @@
 
 Reads each run's ``metrics.jsonl`` (and ``train_config.json`` for the batch size) and, if given,
 evaluation folders written by ``semidyn-rag eval`` at some checkpoints. Writes a PNG and the
-plotted numbers as JSON next to it.
+plotted numbers as JSON next to it. A run that continued another (``init_from``) is drawn from
+where that one stopped; ``STEP`` in ``--accuracy`` counts that run's own steps.
 
     python recipes/embedded_default/learning_curve.py --run calibrated=runs/run \
         --run "no calibration"=runs/run-uncalibrated --accuracy calibrated@1200=runs/eval-final \
@@ -15,20 +16,22 @@ import argparse
 import json
 from pathlib import Path
 
+from lineage import lineage  # a sibling module: this folder is sys.path[0] when run as a script
+
 
 def read_run(folder: Path, smooth: int = 25) -> dict:
-    cfg = json.loads((folder / "train_config.json").read_text())
-    per_step = cfg["optim"]["batch_size"] * cfg["optim"]["grad_accum"]
-    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    train = [r for r in rows if r["split"] == "train" and r.get("lm") is not None]
-    evals = [r for r in rows if r["split"] == "eval"]
+    """A run's curve in samples seen, counting the runs it continued from (``init_from``)."""
+    runs = lineage(folder)
+    run, before = runs[-1], runs[-1].samples_before
+    train = [r for r in run.train if r.get("lm") is not None]
     smoothed = []
     for i in range(smooth - 1, len(train), smooth):
         window = train[i - smooth + 1 : i + 1]
-        smoothed.append([train[i]["step"] * per_step, sum(r["lm"] for r in window) / len(window)])
-    return {"samples_per_step": per_step, "train_lm": smoothed,
-            "eval_lm": [[r["step"] * per_step, r["lm"]] for r in evals],
-            "eval_mse": [[r["step"] * per_step, r.get("mse")] for r in evals]}
+        smoothed.append([before + train[i]["step"] * run.per_step, sum(r["lm"] for r in window) / len(window)])
+    return {"samples_per_step": run.per_step, "samples_before": before,
+            "continued_from": [str(r.folder) for r in runs[:-1]], "train_lm": smoothed,
+            "eval_lm": [[before + r["step"] * run.per_step, r["lm"]] for r in run.evals],
+            "eval_mse": [[before + r["step"] * run.per_step, r.get("mse")] for r in run.evals]}
 
 
 def read_accuracy(folder: Path) -> dict:
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         name, step = where.rsplit("@", 1)
         if name not in runs:
             p.error(f"--accuracy {item}: no --run named {name!r}")
-        acc.setdefault(name, {})[int(step) * runs[name]["samples_per_step"]] = read_accuracy(Path(d))
+        r = runs[name]
+        acc.setdefault(name, {})[r["samples_before"] + int(step) * r["samples_per_step"]] = read_accuracy(Path(d))
     panels = 2 if acc else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
     ax = axes[0][0]

@@ -4,7 +4,8 @@
 
 writes ``semidyn_rag/assets/default-compressor/`` with ``export_compressor`` (the function
 behind ``semidyn-rag export``) and ``card.json``: what it was trained on, for how long, and
-its measured held-out figures, which ``make demo`` prints.
+its measured held-out figures, which ``make demo`` prints. A run that continued another
+(``init_from``) is counted with the runs before it.
 """
 
 from __future__ import annotations
@@ -13,26 +14,29 @@ import argparse
 import json
 from pathlib import Path
 
+from lineage import lineage  # a sibling module: this folder is sys.path[0] when run as a script
+
 ASSET = Path(__file__).resolve().parents[2] / "semidyn_rag" / "assets" / "default-compressor"
 LIMIT_MB = 25
 
 
 def card(run: Path, eval_dir: Path) -> dict:
-    cfg = json.loads((run / "train_config.json").read_text())
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    train = [r for r in rows if r["split"] == "train"]
-    evals = [r for r in rows if r["split"] == "eval"]
+    runs = lineage(run)  # the shipped run and the runs it continued from
+    last_eval = next((r.evals[-1]["lm"] for r in reversed(runs) if r.evals), None)
     results = json.loads((eval_dir / "results.json").read_text())
     systems = {s["system"]: {k: s[k] for k in ("accuracy", "exact_match", "f1", "mean_ratio", "ratio_all", "n")}
                for s in results["systems"]}
-    steps = train[-1]["step"] if train else 0
-    per_step = cfg["optim"]["batch_size"] * cfg["optim"]["grad_accum"]
     return {
         "name": "semidyn-rag embedded default (SmolLM2-135M-Instruct encoder and decoder)",
-        "recipe": "recipes/embedded_default (prepare_data.py, synth proxy --method zlib, train.yaml)",
-        "training": {"steps": steps, "samples": steps * per_step,
-                     "cpu_seconds": round(sum(r.get("sec") or 0 for r in train)),
-                     "last_eval_lm": evals[-1]["lm"] if evals else None},
+        "recipe": "recipes/embedded_default (prepare_data.py, synth proxy --method zlib, train.yaml"
+                  + (", then " + ", ".join(f"{r.folder.name}: init_from {r.config['init_from']}" for r in runs[1:])
+                     if len(runs) > 1 else "") + ")",
+        "training": {"steps": sum(r.steps for r in runs), "samples": sum(r.steps * r.per_step for r in runs),
+                     "cpu_seconds": round(sum(r.cpu_seconds for r in runs)),
+                     "runs": [{"run": r.folder.name, "steps": r.steps, "samples": r.steps * r.per_step,
+                               "cpu_seconds": round(r.cpu_seconds), "init_from": r.config.get("init_from")}
+                              for r in runs],
+                     "last_eval_lm": last_eval},
         "heldout_eval": {"dataset": results["meta"]["run"]["dataset"], "setting": results["meta"]["run"]["setting"],
                          "questions": results["meta"]["n_questions"], "systems": systems},
     }

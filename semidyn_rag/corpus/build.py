@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ..atomic import atomic_path, atomic_write_text, remove_stale_temporaries
 from ..store import LatentStore
-from .atomic import atomic_path, atomic_write_text, remove_stale_temporaries
 from .chunking import Chunk, Chunker, tokenizer_counter
 from .directory import (
     CHUNKS_FILE,

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 

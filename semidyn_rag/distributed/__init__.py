@@ -5,6 +5,7 @@ a ``LatentStore`` idempotently; ``ray_engine`` is the ``precompress`` engine tha
 Ray cluster (``pip install 'semidyn-rag[ray]'``; Ray is imported only when it runs).
 """
 
+from ..atomic import remove_stale_temporaries
 from .ingest import IngestReport, ingest_shards
 from .ray_engine import INSTALL_HINT, RayEngine, RayEngineError, RayUnavailableError, ShardEncoder, require_ray
 from .shards import (
@@ -13,7 +14,6 @@ from .shards import (
     ShardInfo,
     list_shards,
     read_shard,
-    remove_stale_temporaries,
     shard_info,
     shard_keys,
     shard_name,

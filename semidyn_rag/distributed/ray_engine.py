@@ -22,10 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import remove_stale_temporaries
 from ..store import LatentStore
 from ..store.record import pack
 from .ingest import IngestReport, ingest_shards
-from .shards import remove_stale_temporaries, write_shard
+from .shards import write_shard
 
 logger = logging.getLogger(__name__)
 

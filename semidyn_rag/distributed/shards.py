@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +37,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import atomic_path
 from ..store.record import CorruptEntryError, Record, check
 
 FORMAT = "semidyn-rag-latent-shard"
 FORMAT_VERSION = 1
 META_KEY = b"semidyn_rag.shard"
 SUFFIX = ".parquet"
-TMP_SUFFIX = ".tmp"
 
 SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -119,17 +118,9 @@ def write_shard(folder: str | os.PathLike, records: Sequence[Record]) -> ShardIn
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / shard_name(fp, keys)
-    tmp = folder / f".{target.name}.{_host()}.{os.getpid()}{TMP_SUFFIX}"
-    try:
+    with atomic_path(target) as tmp:
         # float blobs barely compress; plain pages keep writing and reading cheap
         pq.write_table(table, tmp, compression="none", row_group_size=max(1, len(records)))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(folder)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return ShardInfo(target, meta["rows"], fp, meta["keys_digest"], meta["checksums_digest"])
 
 
@@ -225,51 +216,3 @@ def list_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         else:
             raise FileNotFoundError(f"no shard or folder of shards at {p}")
     return out
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete temporaries that dead writers on this host left in ``folder``; returns how many.
-
-    Temporaries of other hosts (shared storage) and of live processes are left alone.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    host, n = _host(), 0
-    for p in folder.glob(f".*{SUFFIX}.*{TMP_SUFFIX}"):
-        parts = p.name.removesuffix(TMP_SUFFIX).rsplit(".", 2)
-        if len(parts) != 3 or parts[1] != host or not parts[2].isdigit() or _alive(int(parts[2])):
-            continue
-        try:
-            p.unlink()
-            n += 1
-        except FileNotFoundError:
-            pass
-    return n
-
-
-def _host() -> str:
-    return socket.gethostname().replace(".", "_") or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from ..atomic import atomic_path, atomic_write_text
 from .records import SystemSummary
 
 CURVES = {"fixed": ("fixed factor", "o"), "semi_dynamic": ("semi-dynamic", "s"), "llmlingua2": ("LLMLingua-2", "^")}
@@ -102,7 +103,7 @@ def plot_pareto(summaries: Sequence[SystemSummary], path: Path, title: str = "")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -112,7 +113,7 @@ def write_report(out: str | Path, summaries: Sequence[SystemSummary], meta: dict
     summaries = gain_over_fixed(summaries)
     files = {"json": out / "results.json", "markdown": out / "results.md", "pareto": out / "pareto.png"}
     payload = {"meta": meta, "systems": [s.to_json() for s in summaries]}
-    _atomic_write(files["json"], json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(files["json"], json.dumps(payload, indent=2) + "\n")
     run = meta.get("run", {})
     title = f"{Path(str(run.get('dataset', ''))).name} ({run.get('setting', '')}, {meta.get('n_questions', '?')} q)"
     notes = ["", f"{meta.get('n_questions', '?')} questions, setting {run.get('setting')}; "
@@ -121,14 +122,7 @@ def write_report(out: str | Path, summaries: Sequence[SystemSummary], meta: dict
              "latencies are means in seconds per question.", ""]
     for fam, why in meta.get("skipped_systems", {}).items():
         notes.append(f"- {fam} not run: {why}")
-    _atomic_write(files["markdown"], f"# {title}\n\n" + markdown_table(summaries) + "\n".join(notes) + "\n")
-    tmp = files["pareto"].with_suffix(".tmp.png")
-    plot_pareto(summaries, tmp, title)
-    tmp.replace(files["pareto"])
+    atomic_write_text(files["markdown"], f"# {title}\n\n" + markdown_table(summaries) + "\n".join(notes) + "\n")
+    with atomic_path(files["pareto"]) as tmp:
+        plot_pareto(summaries, tmp, title)
     return files
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

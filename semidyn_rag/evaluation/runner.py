@@ -193,7 +193,7 @@ def _run_key(config: EvalConfig, comp, samples: Sequence[QASample], baseline_bas
 def _baseline_fingerprint(comp, config: EvalConfig) -> str:
     """What text-baseline answers depend on: the base decoder, its tokenizer and prompt template."""
     tok = comp.decoder.tokenizer
-    h = hashlib.sha256(comp._base_signature[1].encode())
+    h = hashlib.sha256(comp.decoder_base_signature.encode())
     h.update(json.dumps([len(tok), getattr(tok, "chat_template", None) or "", config.llmlingua_model]).encode())
     return h.hexdigest()[:32]
 

@@ -1,0 +1,68 @@
+"""A training run and the runs it continued from (``init_from``), for cards and curves.
+
+A continuation's ``init_from`` names a checkpoint of an earlier run (``run2/final``); its
+steps count from 0 again. These helpers put the runs back in one line of samples seen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Run:
+    folder: Path
+    config: dict
+    rows: list[dict]
+    samples_before: int  # samples the runs it continued from had seen
+
+    @property
+    def per_step(self) -> int:
+        return self.config["optim"]["batch_size"] * self.config["optim"]["grad_accum"]
+
+    @property
+    def train(self) -> list[dict]:
+        return [r for r in self.rows if r["split"] == "train"]
+
+    @property
+    def evals(self) -> list[dict]:
+        return [r for r in self.rows if r["split"] == "eval"]
+
+    @property
+    def steps(self) -> int:
+        return self.train[-1]["step"] if self.train else 0
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(r.get("sec") or 0 for r in self.train)
+
+
+def lineage(folder: str | Path) -> list[Run]:
+    """``folder``'s run and every run it was initialised from, oldest first."""
+    chain: list[tuple[Path, dict, int | None]] = []
+    folder, upto = Path(folder), None
+    while True:
+        if any(f.resolve() == folder.resolve() for f, _, _ in chain):
+            raise ValueError(f"init_from loops back to {folder}")
+        cfg = json.loads((folder / "train_config.json").read_text())
+        chain.append((folder, cfg, upto))
+        init = cfg.get("init_from")
+        if not init:
+            break
+        # init_from is relative to where that training ran: the runs' common parent here
+        ckpt = next((p for p in (folder.parent / init, Path(init)) if p.exists()), None)
+        if ckpt is None:
+            raise FileNotFoundError(f"{folder} continued from {init}, which is not at {folder.parent / init}")
+        # a mid-run checkpoint (checkpoints/step-00000900) continues from that step, final/ from the end
+        upto = int(ckpt.name.removeprefix("step-")) if ckpt.name.startswith("step-") else None
+        folder = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    runs, seen = [], 0
+    for f, cfg, upto in reversed(chain):
+        rows = [json.loads(x) for x in (f / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rows = [r for r in rows if upto is None or r["step"] <= upto]
+        run = Run(f, cfg, rows, seen)
+        runs.append(run)
+        seen += run.steps * run.per_step
+    return runs
