@@ -93,6 +93,7 @@ class SemiDynamicCompressor(nn.Module):
         self.projector = Projector(d_enc, d_dec, config.projector_hidden_size, config.projector_gated)
         self.selector = DiscreteRatioSelector(cands, config.rounding, config.compare_space)
         self._fp_cache: dict[str, tuple[tuple, str]] = {}
+        self._fp_params: dict[str, tuple[tuple, list]] = {}
         # A fully trained side is hashed weight by weight; only frozen bases need a signature.
         self._base_signature = tuple(
             "full" if _is_fully_trained(config, side) else _base_signature(m)
@@ -144,12 +145,20 @@ class SemiDynamicCompressor(nn.Module):
         mods = {"encoder": self.encoder.model, "density_head": self.density_head, "backbone": self.backbone}
         if which != "features":
             mods.update(projector=self.projector, decoder=self.decoder.model)
+        # Walking a 30-layer model's module tree costs ~0.1 s, too much for a per-query property:
+        # the parameter list is kept while the same modules are in place (weights updated in
+        # place, by training, load_state_dict or .to(), are seen by the version check above).
+        key = tuple(mods.values())
+        cached = self._fp_params.get(which)
+        if cached and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
         out = []
         for prefix, mod in mods.items():
             full = prefix in ("density_head", "backbone", "projector") or _is_fully_trained(self.config, prefix)
             for n, p in mod.named_parameters():
                 if full or "lora_" in n:
                     out.append((f"{prefix}.{n}", p))
+        self._fp_params[which] = (key, out)
         return out
 
     # -- compression ----------------------------------------------------------------------------

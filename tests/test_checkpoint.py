@@ -96,6 +96,22 @@ def test_fingerprint_changes_with_any_trained_weight(compressor, part):
     assert (compressor.feature_fingerprint != before_feat) == (part in ("density_head", "encoder_lora"))
 
 
+def test_fingerprint_sees_a_swapped_module_and_a_reloaded_state(compressor):
+    """The cached parameter list must not hide a module put in place of another."""
+    from semidyn_rag.projector import Projector
+
+    before = compressor.fingerprint
+    old = compressor.projector
+    new = Projector(old.up_proj.in_features, old.down_proj.out_features, old.up_proj.out_features,
+                    old.gate_proj is not None)
+    compressor.projector = new
+    swapped = compressor.fingerprint
+    assert swapped != before
+    with torch.no_grad():
+        new.load_state_dict(old.state_dict())  # in place: same module, the old weights again
+    assert compressor.fingerprint == before
+
+
 def test_fingerprint_ignores_dtype_and_model_path(compressor, tiny_dirs, tmp_path):
     import shutil
 
