@@ -29,8 +29,8 @@ def card(run: Path, eval_dir: Path) -> dict:
     return {
         "name": "semidyn-rag embedded default (SmolLM2-135M-Instruct encoder and decoder)",
         "recipe": "recipes/embedded_default (prepare_data.py, synth proxy --method zlib, train.yaml"
-                  + (", then " + ", ".join(f"{r.folder.name}: init_from {r.config['init_from']}" for r in runs[1:])
-                     if len(runs) > 1 else "") + ")",
+                  + "".join(f", then continue.yaml ({r.folder.name} from {r.config['init_from']})" for r in runs[1:])
+                  + ")",
         "training": {"steps": sum(r.steps for r in runs), "samples": sum(r.steps * r.per_step for r in runs),
                      "cpu_seconds": round(sum(r.cpu_seconds for r in runs)),
                      "runs": [{"run": r.folder.name, "steps": r.steps, "samples": r.steps * r.per_step,
