@@ -147,10 +147,11 @@ class SemiDynamicCompressor(nn.Module):
             mods.update(projector=self.projector, decoder=self.decoder.model)
         # Walking a 30-layer model's module tree costs ~0.1 s, too much for a per-query property:
         # the parameter list is kept while the same modules are in place (weights updated in
-        # place, by training, load_state_dict or .to(), are seen by the version check above).
+        # place, by training, load_state_dict or .to(), are seen by the version check above;
+        # an adapter added in place to one of these models would not be).
         key = tuple(mods.values())
         cached = self._fp_params.get(which)
-        if cached and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+        if cached and all(a is b for a, b in zip(cached[0], key)):  # `which` fixes the modules' count
             return cached[1]
         out = []
         for prefix, mod in mods.items():

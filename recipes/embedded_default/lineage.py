@@ -35,6 +35,10 @@ class Run:
         return self.train[-1]["step"] if self.train else 0
 
     @property
+    def samples(self) -> int:
+        return self.steps * self.per_step
+
+    @property
     def cpu_seconds(self) -> float:
         return sum(r.get("sec") or 0 for r in self.train)
 
@@ -64,5 +68,5 @@ def lineage(folder: str | Path) -> list[Run]:
         rows = [r for r in rows if upto is None or r["step"] <= upto]
         run = Run(f, cfg, rows, seen)
         runs.append(run)
-        seen += run.steps * run.per_step
+        seen += run.samples
     return runs

@@ -31,9 +31,9 @@ def card(run: Path, eval_dir: Path) -> dict:
         "recipe": "recipes/embedded_default (prepare_data.py, synth proxy --method zlib, train.yaml"
                   + "".join(f", then continue.yaml ({r.folder.name} from {r.config['init_from']})" for r in runs[1:])
                   + ")",
-        "training": {"steps": sum(r.steps for r in runs), "samples": sum(r.steps * r.per_step for r in runs),
+        "training": {"steps": sum(r.steps for r in runs), "samples": sum(r.samples for r in runs),
                      "cpu_seconds": round(sum(r.cpu_seconds for r in runs)),
-                     "runs": [{"run": r.folder.name, "steps": r.steps, "samples": r.steps * r.per_step,
+                     "runs": [{"run": r.folder.name, "steps": r.steps, "samples": r.samples,
                                "cpu_seconds": round(r.cpu_seconds), "init_from": r.config.get("init_from")}
                               for r in runs],
                      "last_eval_lm": last_eval},
