@@ -153,6 +153,9 @@ def test_cli_end_to_end_writes_outputs_and_resumes(tmp_path, dataset, ckpt, comp
                      "semi_dynamic_s-1", "semi_dynamic_s+0", "semi_dynamic_s+1"]
     md = (out / "results.md").read_text()
     assert all(f"| {n} |" in md for n in names)
+    for row in results["systems"]:  # every accuracy carries its 95% interval, in JSON and the table
+        lo, hi = row["accuracy_ci95"]
+        assert lo <= row["accuracy"] <= hi and f"{lo:.3f}-{hi:.3f}" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = _lines(out)
     assert len(lines) == N_SYSTEMS * len(ROWS)

@@ -16,6 +16,7 @@ from semidyn_rag.evaluation.metrics import (
     normalize_substring,
     substring_match,
     summarize,
+    wilson_interval,
 )
 from semidyn_rag.evaluation.records import SampleResult
 
@@ -105,8 +106,24 @@ def test_summarize_aggregates_one_system():
     assert s.factor_histogram == {"2": 1, "4": 1, "16": 1}
     assert s.prefill_tokens == 40 and s.ttft_s == pytest.approx(0.8) and s.total_s == pytest.approx(2.3)
     assert s.gold_recall == 0.5
+    assert s.accuracy_ci95 == wilson_interval(1, 2)
     assert math.isclose(s.compress_s, 0.3)
     with pytest.raises(ValueError, match="no results"):
         summarize([], "fixed", 2)
     with pytest.raises(ValueError, match="several systems"):
         summarize([_r(system="x"), _r(system="y")], "fixed", 2)
+
+
+def test_wilson_interval_against_hand_computed_values():
+    # 5 of 10: centre 0.5, half-width 1.96 * sqrt(0.025 + 0.0096) / 1.384 = 0.2634
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)  # never below 0, and not the degenerate [0, 0] of p +- z*se
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)  # the mirror image of 0 of 10
+    assert lo == pytest.approx(1 - 0.2775, abs=1e-4) and hi == pytest.approx(1.0) and hi <= 1.0
+    lo, hi = wilson_interval(95, 500)  # 19% of 500: about +-3.5 points
+    assert lo == pytest.approx(0.1580, abs=1e-4) and hi == pytest.approx(0.2267, abs=1e-4)
+    for bad in ((1, 0), (-1, 5), (6, 5)):
+        with pytest.raises(ValueError, match="correct <= n"):
+            wilson_interval(*bad)

@@ -20,6 +20,11 @@ ASSET = Path(__file__).resolve().parents[2] / "semidyn_rag" / "assets" / "defaul
 LIMIT_MB = 25
 
 
+def _stage_config(run) -> str:
+    """The recipe file a continued run follows: distill.yaml adds the KL term, continue.yaml does not."""
+    return "distill.yaml" if run.config["objective"].get("distill_weight", 0) > 0 else "continue.yaml"
+
+
 def card(run: Path, eval_dir: Path) -> dict:
     runs = lineage(run)  # the shipped run and the runs it continued from
     last_eval = next((r.evals[-1]["lm"] for r in reversed(runs) if r.evals), None)
@@ -29,7 +34,7 @@ def card(run: Path, eval_dir: Path) -> dict:
     return {
         "name": "semidyn-rag embedded default (SmolLM2-135M-Instruct encoder and decoder)",
         "recipe": "recipes/embedded_default (prepare_data.py, synth proxy --method zlib, train.yaml"
-                  + "".join(f", then continue.yaml ({r.folder.name} from {r.config['init_from']})" for r in runs[1:])
+                  + "".join(f", then {_stage_config(r)} ({r.folder.name} from {r.config['init_from']})" for r in runs[1:])
                   + ")",
         "training": {"steps": sum(r.steps for r in runs), "samples": sum(r.samples for r in runs),
                      "cpu_seconds": round(sum(r.cpu_seconds for r in runs)),

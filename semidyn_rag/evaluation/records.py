@@ -99,9 +99,13 @@ class SystemSummary:
     total_s: float
     gold_recall: float | None = None  # rag: share of questions whose own context was retrieved
     gain_over_fixed: float | None = None  # semi-dynamic: accuracy minus fixed-factor curve there
+    accuracy_ci95: tuple[float, float] | None = None  # Wilson interval of the substring accuracy
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["accuracy_ci95"] is not None:
+            d["accuracy_ci95"] = list(d["accuracy_ci95"])  # as it reads back from JSON
+        return d
 
 
 class ResultLog:

@@ -2,9 +2,10 @@
 
 The Pareto plot is the paper's main figure: accuracy against the average compression ratio
 (over correctly answered questions), one curve per compressing system family, with horizontal
-lines for the uncompressed and no-context baselines. For semi-dynamic points the table also
-gives the accuracy gain over the fixed-factor curve at the same ratio (interpolated in log2
-ratio) next to the variance of log2 factor, the two axes of the paper's Figure 5.
+lines for the uncompressed and no-context baselines and the 95% interval of every accuracy
+(error bars, shaded bands). For semi-dynamic points the table also gives the accuracy gain
+over the fixed-factor curve at the same ratio (interpolated in log2 ratio) next to the
+variance of log2 factor, the two axes of the paper's Figure 5.
 """
 
 from __future__ import annotations
@@ -49,15 +50,20 @@ def _fmt(v, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _fmt_interval(ci: Sequence[float] | None) -> str:
+    return "-" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
+
+
 def markdown_table(summaries: Sequence[SystemSummary]) -> str:
     """One row per system: scores, correct-only ratios, selector statistics, sizes and latencies."""
-    head = ("| system | n | acc | EM | F1 | ratio (mean) | ratio (sums) | ratio (all q) | latents/chunk | var log2 F | "
+    head = ("| system | n | acc | acc 95% CI | EM | F1 | ratio (mean) | ratio (sums) | ratio (all q) | latents/chunk | var log2 F | "
             "gain vs fixed | factors | prefill tok | retrieve s | compress s | prefill s | decode s | TTFT s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summaries:
         hist = " ".join(f"{k}:{v}" for k, v in s.factor_histogram.items()) or "-"
         lines.append(
-            f"| {s.system} | {s.n} | {s.accuracy:.3f} | {s.exact_match:.3f} | {s.f1:.3f} | "
+            f"| {s.system} | {s.n} | {s.accuracy:.3f} | {_fmt_interval(s.accuracy_ci95)} | {s.exact_match:.3f} | "
+            f"{s.f1:.3f} | "
             f"{_fmt(s.mean_ratio, '.2f')} | {_fmt(s.ratio_of_sums, '.2f')} | {_fmt(s.ratio_all, '.2f')} | "
             f"{_fmt(s.positions_per_chunk, '.1f')} | "
             f"{_fmt(s.log2_factor_var)} | {_fmt(s.gain_over_fixed, '+.3f')} | {hist} | {s.prefill_tokens:.1f} | "
@@ -76,13 +82,17 @@ def plot_pareto(summaries: Sequence[SystemSummary], path: Path, title: str = "")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     hollow_any = False
     for family, (label, marker) in CURVES.items():
-        pts = sorted((plot_ratio(s), s.accuracy, s.ratio_of_sums is None) for s in summaries
+        pts = sorted((plot_ratio(s), s.accuracy, s.ratio_of_sums is None, s.accuracy_ci95) for s in summaries
                      if s.family == family and plot_ratio(s))
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         (line,) = ax.plot(xs, ys, marker=marker, label=label)
-        for x, y, hollow in pts:
+        bars = [(x, y, ci) for x, y, _, ci in pts if ci is not None]
+        if bars:  # the 95% interval: points closer than this are not told apart by the data
+            ax.errorbar([b[0] for b in bars], [b[1] for b in bars], fmt="none", ecolor=line.get_color(),
+                        alpha=0.45, capsize=2, yerr=[[y - ci[0] for _, y, ci in bars], [ci[1] - y for _, y, ci in bars]])
+        for x, y, hollow, _ in pts:
             if hollow:
                 hollow_any = True
                 ax.plot([x], [y], marker=marker, markerfacecolor="white", color=line.get_color())
@@ -91,7 +101,9 @@ def plot_pareto(summaries: Sequence[SystemSummary], path: Path, title: str = "")
         for s in summaries:
             if s.family == family:
                 ax.axhline(s.accuracy, linestyle=style, color=color, label=f"{label} ({s.accuracy:.3f})")
-    top = max((s.accuracy for s in summaries), default=0.0)
+                if s.accuracy_ci95 is not None:
+                    ax.axhspan(*s.accuracy_ci95, color=color, alpha=0.08, linewidth=0)
+    top = max((s.accuracy_ci95[1] if s.accuracy_ci95 else s.accuracy for s in summaries), default=0.0)
     ax.set_ylim(0, min(1.0, max(0.05, top * 1.15)))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("average compression ratio (correctly answered questions)")
