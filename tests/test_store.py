@@ -157,6 +157,31 @@ def test_corrupt_blob_is_detected_and_recomputed(tmp_path, comp, feats):
         torch.testing.assert_close(store.get(keys[1], fp).features, feats[1].features, rtol=1e-3, atol=1e-3)
 
 
+def test_entries_written_with_the_old_sha256_checksum_still_verify(tmp_path, comp, feats):
+    from semidyn_rag.store.record import checksum
+
+    path = tmp_path / "s.sqlite"
+    with LatentStore(path) as store:
+        keys = _put(store, feats)
+    cols = "key, fingerprint, dtype, rows, cols, features, counts, y_hat, n_tokens"
+    rows = sqlite3.connect(path).execute(f"SELECT {cols}, checksum FROM entries ORDER BY key").fetchall()
+    assert all(r[-1].startswith("crc32:") and len(r[-1]) == 14 for r in rows)  # what new entries carry
+    for r in rows[:2]:  # rewrite two entries as a store of the sha256 era holds them
+        old = checksum(*r[:-1], algorithm="sha256")
+        assert len(old) == 64 and old != r[-1]
+        _corrupt(path, "UPDATE entries SET checksum = ? WHERE key = ?", (old, r[0]))
+    fp = comp.feature_fingerprint
+    with LatentStore(path) as store:
+        assert store.verify() == [] and set(store.get_many(keys, fp)) == set(keys)
+        i = keys.index(rows[0][0])
+        torch.testing.assert_close(store.get(keys[i], fp).features, feats[i].features, rtol=1e-3, atol=1e-3)
+    _corrupt(path, "UPDATE entries SET y_hat = y_hat + 0.5 WHERE key = ?", (rows[0][0],))
+    with LatentStore(path) as store:  # and an old entry that changed is still caught
+        assert store.verify() == [(rows[0][0], fp)]
+    with pytest.raises(ValueError, match="unknown checksum algorithm"):
+        checksum(*rows[0][:-1], algorithm="md5")
+
+
 def test_entry_moved_under_another_key_is_detected(tmp_path, comp, feats):
     path = tmp_path / "s.sqlite"
     with LatentStore(path) as store:

@@ -15,7 +15,7 @@ Format (``FORMAT_VERSION`` 1), one Parquet file per shard::
     counts       binary   int32 tokens per finest window (mean pooling), else null
     y_hat        float64  predicted log2 compression factor
     n_tokens     int64    source tokens of the chunk
-    checksum     string   sha256 over all of the above (``store.record.checksum``)
+    checksum     string   CRC-32 over all of the above (``store.record.checksum``)
 
 The Parquet footer carries ``semidyn_rag.shard`` (JSON): format, version, row count, the
 fingerprint, sha256 over the keys in row order and over the checksums in row order. A shard

@@ -1,7 +1,7 @@
 """The latent store: encoder features of chunks, cached once and read at any scale.
 
-``LatentStore`` (SQLite in WAL mode) keeps checksummed ``ContextFeatures`` by chunk key (sha256
-of the normalised text) and feature fingerprint; ``record`` is their byte format.
+``LatentStore`` (SQLite in WAL mode) keeps CRC-32-checksummed ``ContextFeatures`` by chunk key
+(sha256 of the normalised text) and feature fingerprint; ``record`` is their byte format.
 """
 
 from .keys import chunk_key, normalize_text

@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS entries (
     counts BLOB,                -- int32 tokens per finest window (mean pooling), else NULL
     y_hat REAL NOT NULL,
     n_tokens INTEGER NOT NULL,
-    checksum TEXT NOT NULL,     -- sha256 over all of the above
+    checksum TEXT NOT NULL,     -- "crc32:..." over all of the above (bare sha256 hex in older stores)
     created REAL NOT NULL,
     UNIQUE (key, fingerprint)
 );

@@ -1,15 +1,21 @@
 """One store entry as bytes: the serialisation of ``ContextFeatures`` and its checksum.
 
 Features are kept in fp16 by default (bf16 and fp32 on request) with their shape and dtype;
-token counts per window as int32. The checksum (sha256) covers the key, the fingerprint, the
-shape, the dtype, both blobs, y_hat and the token count, so a flipped byte anywhere in an entry,
-or an entry moved under another key, is detected on read instead of silently used.
+token counts per window as int32. The checksum covers the key, the fingerprint, the shape,
+the dtype, both blobs, y_hat and the token count, so a flipped byte anywhere in an entry, or an
+entry moved under another key, is detected on read instead of silently used.
+
+The checksum is CRC-32 (``"crc32:"`` + 8 hex digits), the storage checksum of zip, PNG and
+ext4: it guards against corruption, not against tampering, and costs 21 us per 87 kB entry
+where sha256 cost 48 us, on a read path of about 100 us. Entries written before it carry a
+bare sha256 hex digest and are still verified with sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -51,19 +57,37 @@ class Record:
         return len(self.features) + len(self.counts or b"")
 
 
-def checksum(key: str, fingerprint: str, dtype: str, rows: int, cols: int, features: bytes,
-             counts: bytes | None, y_hat: float, n_tokens: int) -> str:
-    """sha256 (hex) over every field of an entry."""
-    h = hashlib.sha256()
+_CRC = "crc32:"
+
+
+def _checksum_parts(key: str, fingerprint: str, dtype: str, rows: int, cols: int, features: bytes,
+                    counts: bytes | None, y_hat: float, n_tokens: int):
+    """The byte strings a checksum covers, in order (the same for every algorithm)."""
     for part in (key, fingerprint, dtype):
-        h.update(part.encode())
-        h.update(b"\0")
-    h.update(struct.pack("<qqdq?", rows, cols, float(y_hat), int(n_tokens), counts is not None))
-    h.update(struct.pack("<q", len(features)))
-    h.update(features)
+        yield part.encode() + b"\0"
+    yield struct.pack("<qqdq?", rows, cols, float(y_hat), int(n_tokens), counts is not None)
+    yield struct.pack("<q", len(features))
+    yield features
     if counts is not None:
-        h.update(counts)
-    return h.hexdigest()
+        yield counts
+
+
+def checksum(key: str, fingerprint: str, dtype: str, rows: int, cols: int, features: bytes,
+             counts: bytes | None, y_hat: float, n_tokens: int, *, algorithm: str = "crc32") -> str:
+    """The checksum over every field of an entry: ``"crc32:%08x"``, or a bare sha256 hex digest
+    (``algorithm="sha256"``, the format of entries written before CRC-32)."""
+    parts = _checksum_parts(key, fingerprint, dtype, rows, cols, features, counts, y_hat, n_tokens)
+    if algorithm == "crc32":
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        return f"{_CRC}{crc:08x}"
+    if algorithm == "sha256":
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(part)
+        return h.hexdigest()
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}; use crc32 or sha256")
 
 
 def pack(key: str, features: ContextFeatures, dtype: str = "float16") -> Record:
@@ -99,7 +123,9 @@ def check(record: Record) -> None:
         raise CorruptEntryError(r.key, r.fingerprint, f"unknown dtype {r.dtype!r}")
     if not isinstance(r.features, bytes) or (r.counts is not None and not isinstance(r.counts, bytes)):
         raise CorruptEntryError(r.key, r.fingerprint, "blob columns do not hold bytes")
-    expect = checksum(r.key, r.fingerprint, r.dtype, r.rows, r.cols, r.features, r.counts, r.y_hat, r.n_tokens)
+    algorithm = "crc32" if str(r.checksum).startswith(_CRC) else "sha256"
+    expect = checksum(r.key, r.fingerprint, r.dtype, r.rows, r.cols, r.features, r.counts, r.y_hat, r.n_tokens,
+                      algorithm=algorithm)
     if expect != r.checksum:
         raise CorruptEntryError(r.key, r.fingerprint, "checksum mismatch")
     if len(r.features) != r.rows * r.cols * STORAGE_DTYPES[r.dtype].itemsize:
