@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from semidyn_rag.training.metrics import MetricsLog
+
 
 @dataclass(frozen=True)
 class Run:
@@ -64,8 +66,10 @@ def lineage(folder: str | Path) -> list[Run]:
         folder = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     runs, seen = [], 0
     for f, cfg, upto in reversed(chain):
-        rows = [json.loads(x) for x in (f / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        rows = [r for r in rows if upto is None or r["step"] <= upto]
+        log = MetricsLog(f / "metrics.jsonl")
+        if not log.path.is_file():  # a run without metrics has nothing to count: say so, not 0 steps
+            raise FileNotFoundError(f"{log.path} is missing")
+        rows = [r for r in log.rows() if upto is None or r["step"] <= upto]
         run = Run(f, cfg, rows, seen)
         runs.append(run)
         seen += run.samples

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..corpus.embedding import DEFAULT_EMBEDDER, Embedder
 from ..corpus.index import IndexParams, build_index
 from ..corpus.index import search as index_search
@@ -59,9 +60,8 @@ class DenseRetriever:
         logger.info("embedding %d contexts with %s", len(self.texts), self.embedder.name)
         emb = self.embedder.embed(self.texts, progress=len(self.texts) > 256)
         if cache is not None:
-            tmp = cache.with_name(cache.stem + ".tmp.npy")
-            np.save(tmp, emb)
-            tmp.replace(cache)  # atomic: a killed run never leaves half a cache behind
+            with atomic_path(cache) as tmp, tmp.open("wb") as fh:  # a killed run never leaves half a cache
+                np.save(fh, emb)
         return emb
 
     def search(self, query: str, k: int) -> Retrieved:

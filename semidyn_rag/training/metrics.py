@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import atomic_write_text
+
 
 class MetricsLog:
     """Appends metric rows to ``path``; ``truncate(step)`` drops rows after ``step``."""
@@ -28,9 +30,7 @@ class MetricsLog:
 
     def truncate(self, step: int) -> None:
         kept = [r for r in self.rows() if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_metrics(rows: list[dict], png: str | Path) -> Path | None:

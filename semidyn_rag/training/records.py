@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..atomic import atomic_path
 from ..jsonl import iter_json_lines
 
 Task = Literal["qa", "summary", "multi_doc_qa"]
@@ -155,11 +156,9 @@ def write_records(path: str | Path, records: Iterable[TrainingRecord]) -> int:
     """Write records as JSONL (fields left at their defaults are omitted); returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for rec in records:
             fh.write(rec.model_dump_json(exclude_defaults=True) + "\n")
             n += 1
-    tmp.replace(path)
     return n
