@@ -97,7 +97,7 @@ def run(args) -> dict:
         work = Path(work)
         comp, model_desc = load_compressor(args.model, work)
         fp = comp.feature_fingerprint
-        finest = comp.backbone.finest if hasattr(comp.backbone, "finest") else 1
+        finest = comp.pooling.candidates[0]
         real = texts_of_tokens(comp.encoder.tokenizer, n_real, n_tokens, seed=3)
         settings = {"model": model_desc, "threads": threads, "entries": n_entries, "chunk_tokens": n_tokens,
                     "real_chunks": n_real, "reads": reads, "reps": reps, "store_dtype": "float16",

@@ -241,7 +241,7 @@ def load_compressor(model: str, workdir: Path | str):
     from semidyn_rag import CompressorConfig, SemiDynamicCompressor
 
     if model == "embedded":
-        from semidyn_rag.embedded import default_compressor_path
+        from semidyn_rag.default_compressor import default_compressor_path
 
         path, trained = default_compressor_path()
         comp = SemiDynamicCompressor.from_pretrained(str(path), device="cpu")

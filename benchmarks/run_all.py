@@ -1,6 +1,6 @@
 """Run every CPU benchmark in one go (``make bench``) and summarise the figures against the targets.
 
-Order: ttft, throughput, cache, scaling, then the GPU script (on a GPU when there is one, else
+Order: ttft, throughput, cache, scaling, chunking, then the GPU script (on a GPU when there is one, else
 its ``--dry-run`` as a check that it works). A benchmark that fails is reported and the others
 still run; the exit code is non-zero if any failed. Targets are reported as met or missed,
 never enforced. Writes ``summary.json`` and ``summary.md`` next to the per-benchmark results.
@@ -22,10 +22,11 @@ import time
 import traceback
 from pathlib import Path
 
-from . import cache, gpu_h200, scaling, throughput, ttft
+from . import cache, chunking, gpu_h200, scaling, throughput, ttft
 from .common import RESULTS_DIR, machine_info, write_json
 
-BENCHMARKS = {"ttft": ttft, "throughput": throughput, "cache": cache, "scaling": scaling, "gpu": gpu_h200}
+BENCHMARKS = {"ttft": ttft, "throughput": throughput, "cache": cache, "scaling": scaling, "chunking": chunking,
+              "gpu": gpu_h200}
 
 
 def summarise(records: dict[str, dict]) -> list[dict]:

@@ -82,7 +82,8 @@ def main() -> int:
 
     from semidyn_rag import SemiDynamicCompressor
     from semidyn_rag.corpus import CorpusDirectory, precompress
-    from semidyn_rag.embedded import cache_dir, default_compressor_path, minilm_path
+    from semidyn_rag.default_compressor import default_compressor_path
+    from semidyn_rag.embedded import cache_dir, minilm_path
     from semidyn_rag.session import CompressionSession
 
     t0 = time.perf_counter()

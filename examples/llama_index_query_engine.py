@@ -34,7 +34,8 @@ def main() -> None:
     from llama_index.vector_stores.faiss import FaissVectorStore
 
     from semidyn_rag import CompressionSession, LatentStore, SemiDynamicCompressor
-    from semidyn_rag.embedded import default_compressor_path, demo_corpus, minilm_path
+    from semidyn_rag.default_compressor import default_compressor_path
+    from semidyn_rag.embedded import demo_corpus, minilm_path
 
     path = args.compressor or str(default_compressor_path()[0])
     comp = SemiDynamicCompressor.from_pretrained(path)

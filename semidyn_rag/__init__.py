@@ -8,10 +8,10 @@ from .checkpoint import CheckpointError
 from .compressor import SemiDynamicCompressor
 from .config import CompressorConfig, LoraSettings
 from .corpus import CorpusDirectory, CorpusError, IndexParams, PrecompressStats, precompress
-from .encoder import ContextTooLongError
+from .pipeline.encoder import ContextTooLongError
 from .evaluation import EvalConfig, run_evaluation
-from .placeholder import PlaceholderCountError
-from .selector import DiscreteRatioSelector
+from .pipeline.placeholder import PlaceholderCountError
+from .pipeline.selector import DiscreteRatioSelector
 from .session import ChunkCompression, CompressionSession, PromptUsage, open_session
 from .store import CorruptEntryError, LatentStore, chunk_key, normalize_text
 from .training import TrainConfig, TrainingRecord, load_records

@@ -4,10 +4,12 @@ A reader, or a rerun after ``kill -9``, sees the old content or the new one, nev
 Temporaries carry the writer's host and pid in their name
 (``.<target>.<host>.<pid>.tmp``), so a later sweep can delete what dead writers on this host
 left behind without touching the work of live processes or of other hosts on shared storage.
+``DiskFullError`` is how a writer reports a full disk: what was saved, and that a rerun resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -17,6 +19,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+
+
+class DiskFullError(OSError):
+    """No space left on the device (errno ENOSPC); the message says what was saved and what to run."""
+
+    def __init__(self, message: str, filename: str | os.PathLike | None = None):
+        super().__init__(errno.ENOSPC, message, None if filename is None else str(filename))
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def _host() -> str:

@@ -1,9 +1,11 @@
-"""The semi-dynamic compressor: encoder -> density head -> selector -> backbone -> projector -> decoder.
+"""The semi-dynamic compressor: encoder -> density head -> selector -> pooling -> projector -> decoder.
 
 One encoder pass per context both predicts its density (the head reads the appended end
-marker) and yields the features the backbone pools; the selector then picks a discrete factor
-(or latent count) from ``y_hat + scale``; the projector maps the pooled states into the
-decoder's embedding space; the decoder reads them where its prompt has a placeholder.
+marker) and yields the features the pooling stage keeps; the selector then picks a discrete
+factor (or latent count) from ``y_hat + scale``; the projector maps the pooled rows into the
+decoder's embedding space; the decoder reads them where its prompt has a placeholder. The
+stages live in :mod:`semidyn_rag.pipeline`; this class wires them and never asks which kind
+of pooling it holds.
 
 ``encode`` stops before the factor is chosen and returns what the latent store keeps, so a
 corpus is encoded once and read at any scale; ``compress`` = ``encode`` + ``compress_features``.
@@ -13,26 +15,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .backbones import CompressionTokens, LastTokens, MeanPooling
+from .checkpoint import load_compressor, save_compressor
 from .config import CompressorConfig
-from .decoder import LatentDecoder
 from .device import resolve_device, resolve_dtype
-from .encoder import ContextEncoder, ContextTooLongError
-from .loading import load_decoder_model, load_encoder_model, load_tokenizer
-from .projector import DensityHead, Projector
-from .selector import DiscreteRatioSelector
+from .loading import load_models
+from .pipeline.decoder import LatentDecoder
+from .pipeline.encoder import ContextEncoder, ContextTooLongError
+from .pipeline.head import DensityHead
+from .pipeline.pooling import build_pooling
+from .pipeline.projector import Projector
+from .pipeline.selector import DiscreteRatioSelector
 from .types import CompressedContext, ContextFeatures
 
 # Config fields left out of fingerprints: where things run, and model names (the same weights
 # under another path or hub id are the same model; a signature of the weights stands for them).
+# The pooling rule enters through the stage's own fingerprint_dict (empty for the legacy rule,
+# so checkpoints and stores written before it was recorded keep their fingerprints).
 _UNHASHED_FIELDS = {"device", "dtype", "on_overflow", "trust_remote_code", "encoder", "decoder",
-                    "encoder_gguf_file", "decoder_gguf_file"}
+                    "encoder_gguf_file", "decoder_gguf_file", "pool_end_marker", "pool_align", "density_head", "length_rule"}
+# Fields added after format 1, hashed only when they differ from the value every format-1
+# checkpoint had (so those checkpoints, and the stores built with them, keep their fingerprints).
+_LATER_FIELDS = {"density_head": True}
 # Config fields the stored features depend on (the encoder side only).
 _FEATURE_FIELDS = {"encoder_num_layers", "backbone", "factors", "lengths", "bidirectional",
                    "encoder_training", "encoder_lora"}
@@ -47,15 +55,10 @@ class SemiDynamicCompressor(nn.Module):
     """
 
     def __init__(self, config: CompressorConfig | None = None, **overrides):
-        config = with_overrides(config or CompressorConfig(), **overrides)
+        config = (config or CompressorConfig()).with_overrides(**overrides)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        enc = load_encoder_model(config.encoder, dtype=dtype, gguf_file=config.encoder_gguf_file,
-                                 num_layers=config.encoder_num_layers, trust_remote_code=config.trust_remote_code)
-        dec = load_decoder_model(config.decoder, dtype=dtype, gguf_file=config.decoder_gguf_file,
-                                 trust_remote_code=config.trust_remote_code)
-        enc_tok = load_tokenizer(config.encoder, config.encoder_gguf_file, config.trust_remote_code)
-        dec_tok = load_tokenizer(config.decoder, config.decoder_gguf_file, config.trust_remote_code)
+        enc, enc_tok, dec, dec_tok = load_models(config, dtype)
         self._build(config, enc, enc_tok, dec, dec_tok, device, dtype, wrap_lora=True)
 
     @classmethod
@@ -73,25 +76,18 @@ class SemiDynamicCompressor(nn.Module):
         self.config = config
         self.device, self.dtype = device, dtype
         if wrap_lora:
-            enc = _apply_training(enc, config.encoder_training, config.encoder_lora, causal_lm=False)
-            dec = _apply_training(dec, config.decoder_training, config.decoder_lora, causal_lm=True)
+            enc = apply_training(enc, config.encoder_training, config.encoder_lora, causal_lm=False)
+            dec = apply_training(dec, config.decoder_training, config.decoder_lora, causal_lm=True)
         self.encoder = ContextEncoder(enc, enc_tok, bidirectional=config.is_bidirectional,
                                       max_tokens=config.max_context_tokens, on_overflow=config.on_overflow)
         self.decoder = LatentDecoder(dec, dec_tok, config.placeholder_token)
         # Record the placeholder actually chosen, so a saved config reloads to the same one.
         self.config = config = config.model_copy(update={"placeholder_token": self.decoder.placeholder})
         d_enc, d_dec = self.encoder.hidden_size, self.decoder.hidden_size
-        cands = config.candidates
-        self.density_head = DensityHead(d_enc, init_y=math.log2(math.sqrt(cands[0] * cands[-1]))
-                                        if config.backbone == "mean_pool" else 2.0)
-        if config.backbone == "mean_pool":
-            self.backbone = MeanPooling(config.factors)
-        elif config.backbone == "last_tokens":
-            self.backbone = LastTokens(config.lengths)
-        else:
-            self.backbone = CompressionTokens(config.lengths, d_enc)
+        self.pooling = build_pooling(config, d_enc)
+        self.density_head = DensityHead(d_enc, init_y=self.pooling.head_init())
         self.projector = Projector(d_enc, d_dec, config.projector_hidden_size, config.projector_gated)
-        self.selector = DiscreteRatioSelector(cands, config.rounding, config.compare_space)
+        self.selector = DiscreteRatioSelector(self.pooling.candidates, config.rounding, config.compare_space)
         self._fp_cache: dict[str, tuple[tuple, str]] = {}
         self._fp_params: dict[str, tuple[tuple, list]] = {}
         # A fully trained side is hashed weight by weight; only frozen bases need a signature.
@@ -129,7 +125,9 @@ class SemiDynamicCompressor(nn.Module):
         if cached and cached[0] == version:
             return cached[1]
         fields = _FEATURE_FIELDS if which == "features" else set(CompressorConfig.model_fields) - _UNHASHED_FIELDS
-        cfg = self.config.model_dump(mode="json", include=fields)
+        cfg = {**self.config.model_dump(mode="json", include=fields), **self.pooling.fingerprint_dict()}
+        if which != "features":
+            cfg.update({k: getattr(self.config, k) for k, v in _LATER_FIELDS.items() if getattr(self.config, k) != v})
         h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
         h.update(self._base_signature[0].encode())
         if which != "features":
@@ -142,7 +140,8 @@ class SemiDynamicCompressor(nn.Module):
         return digest
 
     def _fingerprint_params(self, which: str) -> list[tuple[str, torch.Tensor]]:
-        mods = {"encoder": self.encoder.model, "density_head": self.density_head, "backbone": self.backbone}
+        # "backbone" is the pooling stage's name in fingerprints written before it was renamed
+        mods = {"encoder": self.encoder.model, "density_head": self.density_head, "backbone": self.pooling}
         if which != "features":
             mods.update(projector=self.projector, decoder=self.decoder.model)
         # Walking a 30-layer model's module tree costs ~0.1 s, too much for a per-query property:
@@ -199,16 +198,24 @@ class SemiDynamicCompressor(nn.Module):
 
     def _encode_batch(self, ids: list[list[int]]) -> tuple[torch.Tensor, list]:
         """One encoder pass: (y_hat (B,), per-context (features, counts)). Keeps autograd."""
-        extra = self.backbone.memory if isinstance(self.backbone, CompressionTokens) else None
-        enc = self.encoder(ids, extra=extra)
+        enc = self.encoder(ids, extra=self.pooling.extra_inputs())
         y_hat = self.density_head(enc.eos_state).float()
-        return y_hat, self.backbone.extract(enc)
+        return y_hat, self.pooling.extract(enc)
 
     def select(self, y_hat: torch.Tensor | float, n_tokens, scale: float = 0.0):
-        """The discrete factor (mean pooling) or latent count (token backbones) for each context."""
-        if self.config.backbone == "mean_pool":
-            return self.selector.select(y_hat, scale)
-        return self.selector.select_length(y_hat, n_tokens, self.config.lengths, scale)
+        """The discrete size (factor or latent count, as the pooling stage takes) for each context.
+
+        A compressor without a density head (the authors' static and multi-ratio models) has
+        one size when it has a single candidate; otherwise the caller must name one.
+        """
+        if not self.config.density_head:
+            cands = self.pooling.candidates
+            if len(cands) > 1:
+                raise ValueError(f"this compressor has no density head (a multi-ratio model): pass "
+                                 f"{self.pooling.takes}= one of {list(cands)}")
+            return cands[0] if not torch.is_tensor(y_hat) or y_hat.dim() == 0 else torch.full_like(
+                y_hat, cands[0], dtype=torch.long)
+        return self.pooling.select(self.selector, y_hat, n_tokens, scale)
 
     def compress_features(
         self, features: Sequence[ContextFeatures], scale: float = 0.0, factor: int | None = None,
@@ -217,7 +224,8 @@ class SemiDynamicCompressor(nn.Module):
         """Choose each context's factor (or force one) and project its pooled latents.
 
         ``factor`` forces a fixed pooling factor (mean pooling), ``length`` a fixed latent
-        count (token backbones). Raises ValueError for features from another encoder.
+        count (token stages). Raises ValueError for features from another encoder, or a
+        forced size the pooling stage cannot take.
         """
         fp = self.feature_fingerprint
         for i, f in enumerate(features):
@@ -225,24 +233,17 @@ class SemiDynamicCompressor(nn.Module):
                 raise ValueError(f"features {i} come from another encoder (fingerprint {f.fingerprint} != {fp})")
         if not features:
             return []
-        mean_pool = self.config.backbone == "mean_pool"
-        if mean_pool and length is not None or not mean_pool and factor is not None:
-            raise ValueError(f"backbone {self.config.backbone} takes "
-                             f"{'factor' if mean_pool else 'length'}=, not {'length' if mean_pool else 'factor'}=")
-        forced = factor if mean_pool else length
-        if forced is not None and (forced < 1 or mean_pool and forced % self.backbone.finest):
-            raise ValueError(f"cannot force {forced}: it must be a positive multiple of {self.backbone.finest}"
-                             if mean_pool else f"length must be positive, got {forced}")
+        forced = self.pooling.forced(factor, length)
         y = torch.tensor([f.y_hat for f in features])
         n = torch.tensor([f.n_tokens for f in features])
-        chosen = [int(forced)] * len(features) if forced is not None else self.select(y, n, scale).tolist()
+        chosen = [forced] * len(features) if forced is not None else self.select(y, n, scale).tolist()
         with torch.inference_mode():
-            pooled = self.backbone.derive([f.features.to(self.device) for f in features],
-                                          [None if f.counts is None else f.counts.to(self.device) for f in features],
-                                          chosen)
+            pooled = self.pooling.derive([f.features.to(self.device) for f in features],
+                                         [None if f.counts is None else f.counts.to(self.device) for f in features],
+                                         chosen)
             latents = self._project(pooled)
         fp_all = self.fingerprint
-        return [CompressedContext(lat, f.n_tokens, c if mean_pool else None, f.y_hat, fp_all)
+        return [CompressedContext(lat, f.n_tokens, self.pooling.factor_of(c), f.y_hat, fp_all)
                 for lat, f, c in zip(latents, features, chosen)]
 
     def _project(self, pooled: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -283,6 +284,20 @@ class SemiDynamicCompressor(nn.Module):
         elif len(contexts) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(contexts)} context lists")
         ctx_lists = [[c] if isinstance(c, CompressedContext) else list(c) for c in contexts]
+        rendered = [self.decoder.render(p, len(c)) for p, c in zip(prompts, ctx_lists)]
+        out = self.generate_ids(self.decoder.encode_prompts(rendered), ctx_lists, max_new_tokens, **generate_kwargs)
+        return out[0] if single else out
+
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], contexts: Sequence[Sequence[CompressedContext]],
+                     max_new_tokens: int = 64, **generate_kwargs) -> list[str]:
+        """``generate`` for prompts already rendered and tokenized by the decoder's tokenizer.
+
+        Each row must hold one placeholder id per context. Raises ValueError for latents of
+        another compressor or width.
+        """
+        ctx_lists = [list(c) for c in contexts]
+        if len(ctx_lists) != len(prompt_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(ctx_lists)} context lists")
         fp, d = self.fingerprint, self.decoder.hidden_size
         for ctxs in ctx_lists:
             for c in ctxs:
@@ -290,17 +305,14 @@ class SemiDynamicCompressor(nn.Module):
                     raise ValueError(f"latents are {c.latents.shape[-1]}-d but the decoder takes {d}-d embeddings")
                 if c.fingerprint != fp:
                     raise ValueError(f"a context was compressed by another compressor ({c.fingerprint} != {fp})")
-        rendered = [self.decoder.render(p, len(c)) for p, c in zip(prompts, ctx_lists)]
         latents = [[c.latents.to(self.device) for c in ctxs] for ctxs in ctx_lists]
-        out = self.decoder.generate(rendered, latents, max_new_tokens=max_new_tokens, **generate_kwargs)
-        return out[0] if single else out
+        return self.decoder.generate_ids([list(r) for r in prompt_ids], latents, max_new_tokens=max_new_tokens,
+                                         **generate_kwargs)
 
     # -- persistence ----------------------------------------------------------------------------
 
     def save_pretrained(self, path) -> None:
-        """Write the checkpoint folder (config, adapters, head, backbone, projector)."""
-        from .checkpoint import save_compressor
-
+        """Write the checkpoint folder (config, adapters, head, pooling, projector)."""
         save_compressor(self, path)
 
     @classmethod
@@ -310,21 +322,14 @@ class SemiDynamicCompressor(nn.Module):
         ``overrides`` replace config fields (e.g. ``device``, or ``encoder``/``decoder`` to point
         at local copies of the base models). Raises CheckpointError on a mismatched checkpoint.
         """
-        from .checkpoint import load_compressor
-
         return load_compressor(cls, path_or_id, **overrides)
-
-
-def with_overrides(config: CompressorConfig, **overrides) -> CompressorConfig:
-    """A validated copy of ``config`` with some fields replaced."""
-    return CompressorConfig.model_validate({**config.model_dump(), **overrides}) if overrides else config
 
 
 def _is_fully_trained(config: CompressorConfig, which: str) -> bool:
     return (config.encoder_training if which == "encoder" else config.decoder_training) == "full"
 
 
-def _apply_training(model: nn.Module, mode: str, lora, *, causal_lm: bool) -> nn.Module:
+def apply_training(model: nn.Module, mode: str, lora, *, causal_lm: bool) -> nn.Module:
     """Wrap ``model`` in a LoRA adapter, unfreeze it fully, or freeze it, per ``mode``."""
     if mode == "lora":
         from peft import LoraConfig, get_peft_model

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Backbone = Literal["mean_pool", "last_tokens", "compression_tokens"]
+PoolAlign = Literal["start", "end"]
 RoundingMode = Literal["round", "ceil", "floor"]
 CompareSpace = Literal["linear", "log"]
 Training = Literal["lora", "full", "frozen"]
@@ -47,12 +48,27 @@ class CompressorConfig(BaseModel):
     )
 
     backbone: Backbone = "mean_pool"
+    density_head: bool = Field(
+        True, description="Sizes are chosen by the density head; False = a static or multi-ratio model "
+        "(the caller passes factor= or length= unless there is a single candidate)."
+    )
+    length_rule: Literal["nearest", "authors"] = Field(
+        "nearest", description="Token stages: 'nearest' snaps n / 2^(y + scale) with the selector; 'authors' is "
+        "their semi-dynamic int rule (the candidate nearest floor((n + 1) * 2^-(y + scale)), at most n + 1)."
+    )
     factors: tuple[int, ...] = (2, 4, 8, 16, 32)
     lengths: tuple[int, ...] = (16, 32, 64, 128)
     rounding: RoundingMode = "round"
     compare_space: CompareSpace = "linear"
     bidirectional: bool | None = Field(
         None, description="Bidirectional encoder attention; None = on for mean_pool only."
+    )
+    pool_end_marker: bool = Field(
+        True, description="Mean pooling: pool the appended end marker with the text (the authors' eval rule)."
+    )
+    pool_align: PoolAlign = Field(
+        "start", description="Mean pooling windows: 'start' (true means, last window partial; the authors' "
+        "semi-dynamic inference) or 'end' (left zero padding, divided by the window; their static models)."
     )
 
     placeholder_token: str | None = Field(
@@ -83,17 +99,16 @@ class CompressorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_backbone(self) -> CompressorConfig:
-        if self.backbone == "mean_pool":
-            finest = self.factors[0]
-            bad = [f for f in self.factors if f % finest]
-            if bad:
-                raise ValueError(
-                    f"mean_pool factors must all be multiples of the smallest ({finest}) so that "
-                    f"coarse windows nest in fine ones; {bad} are not"
-                )
+        from .pipeline.pooling import build_pooling
+
+        build_pooling(self, d_encoder=1)  # the stage refuses sizes it cannot pool (e.g. non-nesting factors)
         if self.backbone == "compression_tokens" and self.is_bidirectional:
             raise ValueError("compression_tokens needs a causal encoder (bidirectional=False)")
         return self
+
+    def with_overrides(self, **overrides) -> CompressorConfig:
+        """A validated copy with some fields replaced (``self`` when there are none)."""
+        return CompressorConfig.model_validate({**self.model_dump(), **overrides}) if overrides else self
 
     @property
     def is_bidirectional(self) -> bool:

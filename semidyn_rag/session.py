@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from .compressor import SemiDynamicCompressor
 from .store import LatentStore, chunk_key, normalize_text
+from .store.memory import MemoryStore
 from .types import CompressedContext, ContextFeatures
 
 
@@ -61,20 +62,22 @@ class PromptUsage:
 
 
 class CompressionSession:
-    """Shared state between a postprocessor and an LLM: compressor, store, registered chunks.
+    """Shared state between a postprocessor and an LLM: compressor, feature store, registered chunks.
 
-    ``store`` is optional (without it features live only in memory). ``max_registered`` bounds
-    the in-memory registry of recently compressed chunks (an LRU). Thread-safe.
+    Features are always read through one :class:`~semidyn_rag.store.MemoryStore` (an LRU of
+    ``max_registered`` entries) in front of ``store`` when one is given. ``max_registered``
+    also bounds the registry of recently compressed chunks. Thread-safe.
     """
 
     def __init__(self, compressor: SemiDynamicCompressor, store: LatentStore | None = None,
                  *, max_registered: int = 4096, batch_size: int = 16):
         self.compressor = compressor
         self.store = store
+        self.features = MemoryStore(max_registered, backing=store)
         self.batch_size = batch_size
         self.max_registered = max_registered
-        self._features: OrderedDict[str, ContextFeatures] = OrderedDict()
-        self._latents: OrderedDict[str, tuple[str, CompressedContext]] = OrderedDict()  # text -> (key, ctx)
+        # chunk text -> (key, latents, the chunk's decoder token count for the plain-prompt figure)
+        self._latents: OrderedDict[str, tuple[str, CompressedContext, int]] = OrderedDict()
         self._lock = threading.RLock()
         self.encoder_calls = 0
 
@@ -85,60 +88,48 @@ class CompressionSession:
         """Compress each chunk separately and register it for ``answer``.
 
         Features come from memory, then the store, then the encoder (misses in one batch,
-        written back). Chunks under ``min_tokens`` stay text. With ``max_latents``, the scale is
-        raised in steps of 0.5 until the chunks fit; if even the coarsest factor does not fit,
-        the trailing chunks (lowest ranked) stay text.
+        written back). Each chunk is normalised, hashed and tokenized once. Chunks under
+        ``min_tokens`` stay text. With ``max_latents``, the scale is raised in steps of 0.5
+        until the chunks fit; if even the coarsest size does not fit, the trailing chunks
+        (lowest ranked) stay text.
         """
         with self._lock:
             enc = self.compressor.encoder
-            counts = [len(ids) for ids in enc.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+            norm = [normalize_text(t) for t in texts]
+            keys = [chunk_key(t) for t in norm]
+            ids = enc.tokenizer(norm, add_special_tokens=False)["input_ids"] if texts else []
             results: list[ChunkCompression | None] = [None] * len(texts)
             todo = []
-            for i, (t, n) in enumerate(zip(texts, counts)):
-                reason = ("empty" if not t.strip() else f"under {min_tokens} tokens" if n < min_tokens
+            for i, (t, row) in enumerate(zip(norm, ids)):
+                n = len(row)
+                reason = ("empty" if not t else f"under {min_tokens} tokens" if n < min_tokens
                           else f"over the encoder limit of {enc.max_tokens} tokens"
                           if n > enc.max_tokens and enc.on_overflow == "error" else None)
                 if reason:
-                    results[i] = ChunkCompression(chunk_key(t), n, False, reason=reason)
+                    results[i] = ChunkCompression(keys[i], n, False, reason=reason)
                 else:
                     todo.append(i)
-            feats, hits = self._features_for([texts[i] for i in todo])
-            ctx = self._fit_budget(feats, scale, max_latents)
+            res = self.features.fetch_or_encode(
+                self.compressor, [norm[i] for i in todo], batch_size=self.batch_size,
+                keys=[keys[i] for i in todo], token_ids=[ids[i][: enc.max_tokens] for i in todo])
+            self.encoder_calls += bool(res.encoded)
+            ctx = self._fit_budget(res.features, scale, max_latents)
+            dec_counts = self._decoder_counts([texts[i] for i in todo])
             for j, i in enumerate(todo):
-                key = chunk_key(texts[i])
-                if ctx[j] is None:
-                    results[i] = ChunkCompression(key, feats[j].n_tokens, False, reason="over the latent budget")
+                key, c = keys[i], ctx[j]
+                if c is None:
+                    results[i] = ChunkCompression(key, res.features[j].n_tokens, False, reason="over the latent budget")
                     continue
-                c = ctx[j]
-                self._register(texts[i], key, c)
-                results[i] = ChunkCompression(key, c.n_tokens, True, c.n_latents, c.factor, round(c.y_hat, 4), hits[j])
+                self._register(texts[i], key, c, dec_counts[j])
+                results[i] = ChunkCompression(key, c.n_tokens, True, c.n_latents, c.factor, round(c.y_hat, 4),
+                                              key not in res.encoded_keys)
             return results  # type: ignore[return-value]
 
-    def _features_for(self, texts: list[str]) -> tuple[list[ContextFeatures], list[bool]]:
-        keys = [chunk_key(t) for t in texts]
-        fp = self.compressor.feature_fingerprint
-        known = {k: f for k in keys if (f := self._features.get(k)) is not None and f.fingerprint == fp}
-        need = [t for t, k in zip(texts, keys) if k not in known]
-        hits = {k: True for k in known}
-        if need:
-            if self.store is not None:
-                res = self.store.fetch_or_encode(self.compressor, need, batch_size=self.batch_size)
-                got = dict(zip(res.keys, res.features))
-                hits.update({k: k not in res.encoded_keys for k in got})
-                self.encoder_calls += bool(res.encoded)
-            else:
-                norm = [normalize_text(t) for t in need]
-                got = dict(zip([chunk_key(t) for t in norm], self.compressor.encode(norm, self.batch_size)))
-                hits.update({k: False for k in got})
-                self.encoder_calls += 1
-            for k, f in got.items():
-                self._features[k] = f
-            known.update(got)
-        for k in keys:
-            self._features.move_to_end(k)
-        while len(self._features) > self.max_registered:
-            self._features.popitem(last=False)
-        return [known[k] for k in keys], [hits.get(k, False) for k in keys]
+    def _decoder_counts(self, texts: list[str]) -> list[int]:
+        """Decoder tokens of each chunk as text (for the uncompressed-prompt figure)."""
+        if not texts:
+            return []
+        return [len(r) for r in self.compressor.decoder.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _fit_budget(self, feats: list[ContextFeatures], scale: float,
                     max_latents: int | None) -> list[CompressedContext | None]:
@@ -149,10 +140,9 @@ class CompressionSession:
         if max_latents is None:
             return list(ctx)
         s = scale
-        top = max(comp.config.candidates)
-        while sum(c.n_latents for c in ctx) > max_latents and any(
-                (c.factor or 0) < top if comp.config.backbone == "mean_pool" else c.n_latents > min(comp.config.lengths)
-                for c in ctx):
+        pooling = comp.pooling
+        while sum(c.n_latents for c in ctx) > max_latents and not all(
+                pooling.is_coarsest(c.factor if c.factor is not None else c.n_latents) for c in ctx):
             s += 0.5
             ctx = comp.compress_features(feats, scale=s)
         out: list[CompressedContext | None] = []
@@ -171,23 +161,29 @@ class CompressionSession:
             hit = self._latents.get(text)
         return hit[1] if hit else None
 
-    def _register(self, text: str, key: str, ctx: CompressedContext) -> None:
-        self._latents[text] = (key, ctx)
+    def _register(self, text: str, key: str, ctx: CompressedContext, decoder_tokens: int) -> None:
+        self._latents[text] = (key, ctx, decoder_tokens)
         self._latents.move_to_end(text)
         while len(self._latents) > self.max_registered:
             self._latents.popitem(last=False)
 
     # -- answering ------------------------------------------------------------------------------
 
-    def splice(self, prompt: str) -> tuple[str, list[CompressedContext], PromptUsage]:
-        """Replace registered chunk texts in ``prompt`` by placeholders; return the contexts in order."""
+    def splice(self, prompt: str) -> tuple[list[int], list[CompressedContext], PromptUsage]:
+        """Replace registered chunk texts in ``prompt`` by placeholders.
+
+        Returns the decoder's token ids of the rendered prompt (tokenized once, here), the
+        contexts in order, and the token accounting. The plain-prompt figure adds each
+        chunk's own decoder token count (a token more or less where BPE merges across a
+        chunk boundary).
+        """
         with self._lock:
             found = []
-            for text, (key, ctx) in self._latents.items():
+            for text, (key, ctx, n_dec) in self._latents.items():
                 start = prompt.find(text)
                 if start >= 0:
-                    found.append((start, start + len(text), text, key, ctx))
-            found.sort()
+                    found.append((start, start + len(text), key, ctx, n_dec))
+            found.sort(key=lambda f: (f[0], -f[1]))
             kept, end = [], -1
             for item in found:  # drop overlaps: the earlier (then longer) match wins
                 if item[0] >= end:
@@ -201,27 +197,27 @@ class CompressionSession:
             parts += [prompt[pos:s], dec.placeholder]
             pos = e
         spliced = "".join(parts) + prompt[pos:]
-        contexts = [k[4] for k in kept]
-        tok = dec.tokenizer
-        n_text = len(tok(dec.apply_chat(spliced), add_special_tokens=False)["input_ids"]) - len(contexts)
-        n_plain = len(tok(dec.apply_chat(prompt), add_special_tokens=False)["input_ids"])
-        usage = PromptUsage(n_text, sum(c.n_latents for c in contexts), n_plain,
-                            [{"key": k[3], "n_tokens": k[4].n_tokens, "n_latents": k[4].n_latents,
-                              "factor": k[4].factor} for k in kept])
-        return spliced, contexts, usage
+        contexts = [k[3] for k in kept]
+        ids = dec.encode_prompts([dec.apply_chat(spliced)])[0]
+        n_text = len(ids) - len(contexts)
+        usage = PromptUsage(n_text, sum(c.n_latents for c in contexts), n_text + sum(k[4] for k in kept),
+                            [{"key": k[2], "n_tokens": k[3].n_tokens, "n_latents": k[3].n_latents,
+                              "factor": k[3].factor} for k in kept])
+        return ids, contexts, usage
 
     def answer(self, prompt: str, max_new_tokens: int = 128, **generate_kwargs) -> tuple[str, PromptUsage]:
         """Answer a text prompt, reading every registered chunk in it as latents."""
-        spliced, contexts, usage = self.splice(prompt)
+        ids, contexts, usage = self.splice(prompt)
         with self._lock:
-            text = self.compressor.generate(spliced, contexts, max_new_tokens=max_new_tokens, **generate_kwargs)
+            (text,) = self.compressor.generate_ids([ids], [contexts], max_new_tokens=max_new_tokens,
+                                                   **generate_kwargs)
         return text, usage
 
     def stream(self, prompt: str, max_new_tokens: int = 128, **generate_kwargs) -> tuple[Iterator[str], PromptUsage]:
         """Like ``answer`` but yields text pieces as they are decoded (generation runs in a thread)."""
         from transformers import TextIteratorStreamer
 
-        spliced, contexts, usage = self.splice(prompt)
+        ids, contexts, usage = self.splice(prompt)
         streamer = TextIteratorStreamer(self.compressor.decoder.tokenizer, skip_prompt=False,
                                         skip_special_tokens=True)
         errors: list[BaseException] = []
@@ -229,8 +225,8 @@ class CompressionSession:
         def run():
             try:
                 with self._lock:
-                    self.compressor.generate(spliced, contexts, max_new_tokens=max_new_tokens,
-                                             streamer=streamer, **generate_kwargs)
+                    self.compressor.generate_ids([ids], [contexts], max_new_tokens=max_new_tokens,
+                                                 streamer=streamer, **generate_kwargs)
             except BaseException as e:  # surfaced to the consumer below
                 errors.append(e)
                 streamer.end()
@@ -268,10 +264,25 @@ def open_session(*, compressor: SemiDynamicCompressor | None = None, compressor_
                 rec = read_manifest(p).compressor
                 compressor_path = getattr(rec, "path", None) if rec is not None else None
             p = p / STORE_FILE
-        store = LatentStore(p)
+        store = LatentStore.for_reading(p) if p.exists() else LatentStore(p)
     if compressor is None:
         if compressor_path is None:
             raise ValueError("give a compressor, a compressor_path, or a corpus directory that records one")
         overrides = {"device": device} if device else {}
         compressor = SemiDynamicCompressor.from_pretrained(compressor_path, **overrides)
     return CompressionSession(compressor, store, **kwargs)
+
+
+def messages_to_prompt(messages: Sequence[tuple[str, str]]) -> str:
+    """The text prompt ``answer``/``stream`` take for a chat of ``(role, text)`` messages.
+
+    The decoder reads one user turn (it was trained on ``Context: ...`` then ``Question: ...``),
+    so a lone user message is returned as written; otherwise each message becomes a paragraph
+    prefixed by its role (``System: ...``). Chunk texts inside any message are still found by
+    ``splice``. Raises ValueError for an empty list.
+    """
+    if not messages:
+        raise ValueError("no messages to answer")
+    if len(messages) == 1 and messages[0][0] == "user":
+        return messages[0][1]
+    return "\n\n".join(f"{role.capitalize()}: {text}" for role, text in messages)

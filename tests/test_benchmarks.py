@@ -93,10 +93,11 @@ def test_encode_ids_matches_encode_and_checks_rows(compressor):
 
 def test_coarser_means_equal_derive(compressor):
     f = compressor.encode([TEXTS[1]])[0]
-    c = cache.coarser(f, 8, compressor.backbone.finest)
-    want = compressor.backbone.derive([f.features], [f.counts], [8])[0]
+    c = cache.coarser(f, 8, compressor.pooling.finest)
+    want = compressor.pooling.derive([f.features], [f.counts], [8])[0]
     assert torch.allclose(c.features, want, atol=1e-6)
-    assert int(c.counts.sum()) == f.n_tokens and c.features.shape[0] == math.ceil(f.n_tokens / 8)
+    pooled = compressor.pooling.pooled_length(f.n_tokens)  # the end marker is pooled with the text
+    assert int(c.counts.sum()) == pooled and c.features.shape[0] == math.ceil(pooled / 8)
 
 
 def _load(path):

@@ -70,10 +70,10 @@ def test_compression_tokens_and_full_encoder_roundtrip(make_compressor, tmp_path
     comp = make_compressor(backbone="compression_tokens", lengths=(2, 4), encoder_training="full",
                            decoder_training="frozen")
     with torch.no_grad():
-        comp.backbone.memory.add_(1.0)
+        comp.pooling.memory.add_(1.0)
         next(comp.encoder.model.parameters()).mul_(1.1)
     comp.save_pretrained(tmp_path / "ck")
-    assert (tmp_path / "ck" / "backbone" / "model.safetensors").is_file()
+    assert (tmp_path / "ck" / "pooling" / "model.safetensors").is_file()
     assert not (tmp_path / "ck" / "decoder").exists()
     loaded = SemiDynamicCompressor.from_pretrained(str(tmp_path / "ck"))
     assert loaded.fingerprint == comp.fingerprint
@@ -98,7 +98,7 @@ def test_fingerprint_changes_with_any_trained_weight(compressor, part):
 
 def test_fingerprint_sees_a_swapped_module_and_a_reloaded_state(compressor):
     """The cached parameter list must not hide a module put in place of another."""
-    from semidyn_rag.projector import Projector
+    from semidyn_rag.pipeline.projector import Projector
 
     before = compressor.fingerprint
     old = compressor.projector
@@ -188,3 +188,21 @@ def test_authors_projector_with_code_is_refused(compressor, tiny_dirs, tmp_path)
     torch.save({"projector": {}, "compress_ratio_head": {}, "evil": print}, tmp_path / "authors" / "projector.pth")
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
         SemiDynamicCompressor.from_pretrained(str(tmp_path / "authors"))
+
+
+def test_format_1_checkpoint_loads_with_its_legacy_pooling_rule(make_compressor, tmp_path):
+    """A checkpoint saved before the pooling rule was recorded keeps its rule and its fingerprint."""
+    comp = make_compressor(pool_end_marker=False)
+    _perturb_adapters(comp, seed=5)
+    comp.save_pretrained(tmp_path / "ck")
+    raw = json.loads((tmp_path / "ck" / "config.json").read_text())
+    for key in ("pool_end_marker", "pool_align", "density_head"):
+        del raw["compressor"][key]
+    raw["format_version"] = 1
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(raw))
+    (tmp_path / "ck" / "pooling" / "config.json").unlink()
+    loaded = SemiDynamicCompressor.from_pretrained(str(tmp_path / "ck"))
+    assert loaded.config.pool_end_marker is False and loaded.fingerprint == comp.fingerprint
+    assert loaded.feature_fingerprint == comp.feature_fingerprint
+    new = make_compressor()  # today's default pools the end marker: another rule, other stored features
+    assert new.config.pool_end_marker is True and "pool_end_marker" in new.pooling.fingerprint_dict()

@@ -151,6 +151,59 @@ def test_long_sentences_and_words_are_cut(count):
     assert "".join(t for t, _ in pieces) == word and all(n <= 8 for _, n in pieces)
 
 
+class _Tally:
+    """A token counter that adds up the characters it tokenizes (with or without offsets)."""
+
+    def __init__(self, inner, offsets: bool):
+        self.inner, self.chars = inner, 0
+        if offsets:
+            self.offsets = self._offsets
+
+    def __call__(self, texts):
+        self.chars += sum(map(len, texts))
+        return self.inner(texts)
+
+    def _offsets(self, text):
+        self.chars += len(text)
+        return self.inner.offsets(text)
+
+
+@pytest.mark.parametrize("offsets", [True, False])
+def test_cutting_a_long_word_tokenizes_it_about_once(count, offsets):
+    """Issue 17.8: the cut re-tokenized the rest of the word at every probe (quadratic: a 1 MB
+    line never finished). With offsets it reads the word a bounded number of times; without
+    them (a plain counter) each probe is about one piece long. Timings: benchmarks/chunking.py."""
+    import random
+    import string
+
+    rng = random.Random(0)
+    word = "".join(rng.choice(string.ascii_letters + string.digits + "éü漢") for _ in range(20_000))
+    tally = _Tally(count, offsets)
+    pieces = Chunker(tally, chunk_tokens=64).split(word)
+    assert "".join(t for t, _ in pieces) == word
+    assert all(0 < n <= 64 for _, n in pieces) and [n for _, n in pieces] == count([t for t, _ in pieces])
+    assert tally.chars <= (6 if offsets else 40) * len(word), tally.chars / len(word)
+
+
+def test_cut_at_offsets_never_splits_a_character():
+    from semidyn_rag.corpus.chunking import cut_at_offsets
+
+    # a byte-level tokenizer gives the two tokens of one 2-byte character the same span
+    spans = [(0, 1), (1, 2), (2, 3), (2, 3), (3, 4), (4, 5)]
+    assert cut_at_offsets("abcde", spans, 3) == ["ab", "cd", "e"]  # backs off from inside "c"
+    assert cut_at_offsets("abcde", spans, 10) == ["abcde"]
+
+
+def test_chunking_benchmark_runs(tmp_path):
+    from benchmarks import chunking
+
+    rec = chunking.main(["--sizes", "2000,4000", "--reps", "1", "--threads", "1", "--legacy-max", "2000",
+                         "--chunk-tokens", "64", "--out", str(tmp_path), "--no-plot"])
+    assert [r["chars"] for r in rec["rows"]] == [2000, 4000]
+    assert "legacy_seconds" in rec["rows"][0] and "legacy_seconds" not in rec["rows"][1]
+    assert (tmp_path / "chunking.json").is_file()
+
+
 def test_chunker_rejects_bad_settings(count):
     with pytest.raises(ValueError, match="chunk_tokens"):
         Chunker(count, chunk_tokens=0)

@@ -16,10 +16,10 @@ from semidyn_rag.cli import main
 from semidyn_rag.cli.evaluate import parse_scales
 from semidyn_rag.evaluation import DatasetError, EvalConfig, load_qa_dataset, run_evaluation, substring_match
 from semidyn_rag.evaluation.datasets import HF_DATASETS, parse_row
+from semidyn_rag.evaluation.errors import EvalError
 from semidyn_rag.evaluation.metrics import summarize
 from semidyn_rag.evaluation.records import SampleResult
 from semidyn_rag.evaluation.report import gain_over_fixed, markdown_table
-from semidyn_rag.evaluation.runner import EvalError
 from semidyn_rag.evaluation.systems import text_prompt
 from tests.conftest import TEXTS
 

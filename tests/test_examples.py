@@ -28,3 +28,25 @@ def test_demo_describes_the_shipped_compressor_from_its_card(tmp_path):
     (tmp_path / "card.json").write_text(json.dumps(card))
     assert "milestone" not in demo["describe_card"](tmp_path / "card.json")
     assert "no model card" in demo["describe_card"](tmp_path / "missing.json")
+
+
+def test_langchain_rag_example_runs_its_chain_on_tiny_models(ckpt, tmp_path, capsys):
+    import json
+    import re
+
+    import pytest
+
+    pytest.importorskip("langchain_semidyn_rag")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": t, "title": t.split(" is ")[0]}) for t in [
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France.",
+        "Mount Everest is Earth's highest mountain above sea level, in the Himalayas.",
+        "Photosynthesis is the process by which green plants turn light, water and carbon dioxide into sugar."]))
+    example = runpy.run_path(str(EXAMPLES / "langchain_rag.py"))  # not __main__: only defines its functions
+    assert example["main"](["--compressor", str(ckpt), "--docs", str(docs), "--work", str(tmp_path / "work"),
+                            "-k", "2", "--max-new-tokens", "3", "--question", "Where is the Eiffel Tower?"]) == 0
+    out = capsys.readouterr().out
+    assert "Q: Where is the Eiffel Tower?" in out and "A (compressed):" in out and "A (uncompressed):" in out
+    assert "'The Eiffel Tower': " in out and "latents (factor" in out
+    compressed, text = map(int, re.search(r"prefill: (\d+) positions compressed vs (\d+) as text", out).groups())
+    assert 0 < compressed < text

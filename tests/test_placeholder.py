@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from semidyn_rag import PlaceholderCountError
-from semidyn_rag.placeholder import IGNORE_INDEX, expand_placeholders
+from semidyn_rag.pipeline.placeholder import IGNORE_INDEX, expand_placeholders
 
 PH = 99
 

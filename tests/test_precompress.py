@@ -177,9 +177,9 @@ def test_corrupt_entry_is_recomputed_by_precompress(tmp_path, corpus, ckpt, refe
 
 
 def test_missing_compressor_and_empty_corpus_are_clear_errors(tmp_path, ckpt, capsys, monkeypatch):
-    import semidyn_rag.embedded
+    import semidyn_rag.default_compressor
 
-    monkeypatch.setattr(semidyn_rag.embedded, "SHIPPED_COMPRESSOR", tmp_path / "no-such-checkpoint")
+    monkeypatch.setattr(semidyn_rag.default_compressor, "SHIPPED_COMPRESSOR", tmp_path / "no-such-checkpoint")
     assert main(["precompress", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no compressor given and no trained embedded default is installed: pass --compressor CKPT" \
         in capsys.readouterr().err

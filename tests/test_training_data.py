@@ -6,17 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semidyn_rag.backbones import MeanPooling
-from semidyn_rag.encoder import EncoderOutput
-from semidyn_rag.placeholder import IGNORE_INDEX
+from semidyn_rag.pipeline.encoder import EncoderOutput
+from semidyn_rag.pipeline.placeholder import IGNORE_INDEX
+from semidyn_rag.pipeline.pooling import LastTokens, MeanPooling
 from semidyn_rag.training import TrainingRecord
 from semidyn_rag.training.data import BatchOrder, Example, collate, fill_contexts, split_by_context
-from semidyn_rag.training.dynamic import (
-    dynamic_lengths,
-    dynamic_pool_sizes,
-    fully_dynamic_compress,
-    mean_pool_windows,
-)
+from semidyn_rag.training.dynamic import fully_dynamic_compress
 from semidyn_rag.training.objective import _answer_logits
 
 
@@ -72,31 +67,33 @@ def test_fill_contexts():
         fill_contexts("A <p>", "<p>", ["x", "y"])
 
 
-def test_mean_pool_windows_matches_the_discrete_backbone():
+@pytest.mark.parametrize("end_marker", [False, True])
+def test_dynamic_windows_match_the_discrete_pooling(end_marker):
     torch.manual_seed(0)
     hidden = torch.randn(3, 30, 8)
     n = torch.tensor([27, 10, 5])
     enc = EncoderOutput(hidden, 1, n, hidden[:, 0], None)
-    mp = MeanPooling((2, 4, 8))
+    mp = MeanPooling((2, 4, 8), pool_end_marker=end_marker)
     feats = mp.extract(enc)
     for f in (2, 4, 8):
         want = mp.derive([x for x, _ in feats], [c for _, c in feats], [f] * 3)
-        got = mean_pool_windows(hidden, 1, n, [f] * 3)
+        got = mp.pool_dynamic(enc, [f] * 3)
         for w, g in zip(want, got):
             assert torch.allclose(w, g, atol=1e-6)
-    # any window, per row: a window of 3 over 10 tokens is 4 means, the last of one token
-    got = mean_pool_windows(hidden, 1, n, [5, 3, 7])
-    assert [g.shape[0] for g in got] == [6, 4, 1]
-    assert torch.allclose(got[1][3], hidden[1, 10])
+    # any window, per row: a window of 3 over 10 tokens (+ the end marker) is 4 means
+    got = mp.pool_dynamic(enc, [5, 3, 7])
+    assert [g.shape[0] for g in got] == [-(-(27 + end_marker) // 5), 4, 1]
+    last = hidden[1, 10:11 + end_marker].mean(0)
+    assert torch.allclose(got[1][3], last)
     assert torch.allclose(got[1][0], hidden[1, 1:4].mean(0))
     with pytest.raises(ValueError):
-        mean_pool_windows(hidden, 1, n, [0, 1, 1])
+        mp.pool_dynamic(enc, [0, 1, 1])
 
 
 def test_dynamic_sizes_are_continuous_and_clamped():
     y = torch.tensor([0.0, 1.58, 2.3, 9.0])
-    assert dynamic_pool_sizes(y, 2, 32) == [2, 3, 5, 32]
-    assert dynamic_lengths(torch.tensor([1.0, 3.0]), torch.tensor([20, 1000]), 64) == [10, 64]
+    assert MeanPooling((2, 4, 8, 16, 32)).dynamic_sizes(y, torch.tensor([5, 5, 5, 5])) == [2, 3, 5, 32]
+    assert LastTokens((16, 64)).dynamic_sizes(torch.tensor([1.0, 3.0]), torch.tensor([20, 1000])) == [10, 64]
 
 
 def test_answer_logits_equal_the_full_computation(make_compressor):
@@ -125,5 +122,5 @@ def test_fully_dynamic_inference_matches_the_discrete_path_at_a_candidate(make_c
         assert dyn.factor == 4 and torch.allclose(dyn.latents, ref.latents, atol=1e-5)
     # off the candidate set: a window of 3 gives ceil(n / 3) latents, and generate reads them
     (dyn,) = fully_dynamic_compress(comp, texts[:1], scale=1.585 - feats[0].y_hat)
-    assert dyn.factor == 3 and dyn.n_latents == -(-feats[0].n_tokens // 3)
+    assert dyn.factor == 3 and dyn.n_latents == -(-(feats[0].n_tokens + 1) // 3)  # the end marker is pooled
     assert isinstance(comp.generate("Where?", dyn, max_new_tokens=2), str)

@@ -135,7 +135,7 @@ def test_every_mode_and_backbone_trains(tiny_dirs, train_file, tmp_path, mode, b
     head_trained = any(n.startswith("density_head.") for n in changed)
     assert head_trained == (mode in ("semi_dynamic", "fully_dynamic"))
     if backbone == "compression_tokens":
-        assert "backbone.memory" in changed
+        assert "pooling.memory" in changed
     if mode == "static":
         assert all(r["mean_size"] == static for r in out)
     if mode in ("semi_dynamic", "multi_ratio"):

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
+import math
+
+from . import add_trust_remote_code, allow_negative_values, compressor_overrides, folder_arg
 
 logger = logging.getLogger(__name__)
-
-# argparse takes "-2:4:0.5" for an unknown option (its negative-number test only knows plain
-# numbers); widen the test on this parser so `--scales -2:4:0.5` works as written.
-_NEGATIVE_VALUE = re.compile(r"^-\.?\d[\d.:,eE+-]*$")
-
 
 def parse_scales(text: str) -> list[float]:
     """``START:STOP:STEP`` (inclusive) or a comma list, e.g. ``-2:4:0.5`` or ``0,1,2``."""
@@ -28,9 +25,15 @@ def parse_scales(text: str) -> list[float]:
             start, stop, step = parts
             if step <= 0 or stop < start:
                 raise argparse.ArgumentTypeError(f"need START <= STOP and STEP > 0 in {text!r}")
+            if not all(map(math.isfinite, parts)):
+                raise argparse.ArgumentTypeError(f"scales must be finite numbers, got {text!r}")
             n = int((stop - start) / step + 1e-9)
             return [round(start + i * step, 10) for i in range(n + 1)]
-        return [float(p) for p in text.split(",") if p.strip()]
+        scales = [float(p) for p in text.split(",") if p.strip()]
+        if not all(map(math.isfinite, scales)):
+            raise argparse.ArgumentTypeError(f"scales must be finite numbers (NaN and infinity select no "
+                                             f"factor), got {text!r}")
+        return scales
     except ValueError:
         raise argparse.ArgumentTypeError(f"scales must be START:STOP:STEP or a comma list, got {text!r}") from None
 
@@ -51,11 +54,11 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="QA accuracy with and without compression, side by side",
                               description="Answer a QA set with and without compression; report side by side.")
-    p._negative_number_matcher = _NEGATIVE_VALUE
+    allow_negative_values(p)  # `--scales -2:4:0.5` works as written
     p.add_argument("--dataset", required=True, help="a .jsonl/.json/.parquet file, or squad, adversarial_qa, "
                    "hotpot_qa, nq (needs the `datasets` package and the hub)")
     p.add_argument("--compressor", required=True, help="compressor checkpoint folder or hub id")
-    p.add_argument("--out", required=True, help="output folder (results, table, plot, resumable log)")
+    p.add_argument("--out", required=True, type=folder_arg, help="output folder (results, table, plot, resumable log)")
     p.add_argument("--split", default="validation", help="split of a named dataset (default validation)")
     p.add_argument("--setting", choices=("gold", "rag"), default="gold",
                    help="gold: each question's own context; rag: top-k retrieved chunks (default gold)")
@@ -85,13 +88,15 @@ def register(subparsers) -> None:
                    help="LLMLingua-2 baseline: auto = when installed and loadable")
     p.add_argument("--llmlingua-model", default=None, help="LLMLingua-2 model name")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the checkpoint's)")
+    add_trust_remote_code(p)
     p.add_argument("--overwrite", action="store_true", help="discard results of another run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.runner import EvalConfig, EvalError, run_evaluation
+    from ..evaluation.errors import EvalError
+    from ..evaluation.runner import EvalConfig, run_evaluation
 
     fields = dict(
         dataset=args.dataset, compressor=args.compressor, out=args.out, split=args.split, setting=args.setting,
@@ -101,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
         reuse_baselines=args.reuse_baselines, llmlingua=args.llmlingua, device=args.device,
         overwrite=args.overwrite, progress=not args.no_progress,
+        trust_remote_code=bool(compressor_overrides(args).get("trust_remote_code")),
     )
     if args.scales is not None:
         fields["scales"] = args.scales

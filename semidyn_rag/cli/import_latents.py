@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import fail
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("import-latents", help="load latent shards into a corpus directory's store",
@@ -30,21 +32,18 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import ingest_shards
 
     try:
-        with CorpusDirectory(args.into) as corpus:
+        with CorpusDirectory(args.into, readonly_store=False) as corpus:
             manifest = corpus.manifest
             fp = manifest.compressor.feature_fingerprint if manifest.compressor else None
             if args.only_corpus and fp is None:
-                print(f"error: {args.into} records no compressor, so --only-corpus has nothing to match",
-                      file=sys.stderr)
-                return 2
+                return fail(f"{args.into} records no compressor, so --only-corpus has nothing to match", 2)
             keys = corpus.table.column("key").to_pylist()
             report = ingest_shards(args.shards, corpus.store, keys=keys if args.only_corpus else None,
                                    fingerprint=fp if args.only_corpus else None, on_invalid="skip",
                                    progress=not args.no_progress)
             covered = len(keys) - len(corpus.store.missing(keys, fp)) if fp else 0
     except (CorpusError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e), 2)
     print(f"shards     {report.shards} read" + (f", {report.filtered_shards} not for this corpus"
                                                  if report.filtered_shards else "")
           + (f", {len(report.invalid)} invalid" if report.invalid else ""))

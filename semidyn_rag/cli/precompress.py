@@ -4,6 +4,9 @@ Loads the documents, chunks them in encoder tokens, embeds and indexes the chunk
 encodes every chunk into the latent store. Killed at any point and rerun, it encodes only what
 is missing. Prints the run's statistics and writes them to ``DIR/stats.json``.
 
+A rerun also repairs what it finds damaged: an index that cannot be read or does not fit the
+chunk table is rebuilt, a damaged ``latents.sqlite`` is moved aside and refilled.
+
 ``--engine ray`` encodes on a Ray cluster instead (``semidyn_rag.distributed``): actors write
 latent shards under ``--shards-dir``, which are ingested into the store as they arrive.
 """
@@ -13,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+
+from . import add_trust_remote_code, allow_negative_values, compressor_overrides, fail, folder_arg, scale_arg
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +28,7 @@ NO_COMPRESSOR = ("no compressor given and no trained embedded default is install
 def shipped_compressor() -> str | None:
     """The trained default checkpoint shipped inside the package, if there is one."""
     try:
-        from ..embedded import SHIPPED_COMPRESSOR
+        from ..default_compressor import SHIPPED_COMPRESSOR
     except ImportError:
         return None
     return str(SHIPPED_COMPRESSOR) if (SHIPPED_COMPRESSOR / "config.json").is_file() else None
@@ -35,11 +39,12 @@ def register(subparsers) -> None:
                               description="Build a corpus directory (chunk table, FAISS index, latent "
                                           "store) from documents; rerun to resume or update it.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    allow_negative_values(p)
     p.add_argument("corpus", help="a folder of .txt/.md files, a .jsonl file (text + metadata) or a .parquet file")
-    p.add_argument("--out", required=True, help="the corpus directory to create or complete")
+    p.add_argument("--out", required=True, type=folder_arg, help="the corpus directory to create or complete")
     p.add_argument("--compressor", help="compressor checkpoint folder or hub id (default: the trained "
                                         "embedded default, when the package ships one)")
-    p.add_argument("--scale", type=float, default=0.0,
+    p.add_argument("--scale", type=scale_arg, default=0.0,
                    help="default scale recorded for queries (stats are reported at it); the store "
                         "keeps features for every scale")
     p.add_argument("--batch-size", type=int, default=16, help="chunks per encoder batch and per commit")
@@ -53,6 +58,7 @@ def register(subparsers) -> None:
     p.add_argument("--text-field", default="text", help="text field of JSONL records / text column of parquet")
     p.add_argument("--device", default=None, help="device for the compressor (default: CUDA if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_trust_remote_code(p)
     g = p.add_argument_group("engine", "where the chunks are encoded")
     g.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: in this process; ray: on a Ray cluster, through latent shards")
@@ -94,33 +100,30 @@ def _engine(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     args.compressor = args.compressor or shipped_compressor()
     if not args.compressor:
-        print(f"error: {NO_COMPRESSOR}", file=sys.stderr)
-        return 2
+        return fail(NO_COMPRESSOR, 2)
     if args.engine == "local":
         given = [f"--{o.replace('_', '-')}" for o in RAY_OPTIONS if hasattr(args, o)]
         if given:
-            print(f"error: {', '.join(given)} only apply to --engine ray", file=sys.stderr)
-            return 2
+            return fail(f"{', '.join(given)} only apply to --engine ray", 2)
     else:
+        if args.trust_remote_code:
+            return fail("--trust-remote-code is not passed on to Ray workers; use --engine local", 2)
         from ..distributed import RayUnavailableError, require_ray
 
         try:
             require_ray()
         except RayUnavailableError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return fail(str(e), 2)
     from ..checkpoint import CheckpointError
     from ..compressor import SemiDynamicCompressor
     from ..corpus import CorpusError, IndexParams, precompress
 
     # with Ray the workers run the encoder (on --device); the driver only chunks and counts
     device = args.device if args.engine == "local" else "cpu"
-    overrides = {"device": device} if device else {}
     try:
-        comp = SemiDynamicCompressor.from_pretrained(args.compressor, **overrides)
+        comp = SemiDynamicCompressor.from_pretrained(args.compressor, **compressor_overrides(args, device))
     except CheckpointError as e:
-        print(f"error: cannot load the compressor: {e}", file=sys.stderr)
-        return 2
+        return fail(f"cannot load the compressor: {e}", 2)
     failures: tuple[type[Exception], ...] = (CorpusError, FileNotFoundError, ValueError)
     if args.engine == "ray":
         from ..distributed import InvalidShardError, RayEngineError
@@ -136,8 +139,7 @@ def run(args: argparse.Namespace) -> int:
             engine=engine,
         )
     except failures as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), 1)
     print(stats.summary())
     print(f"stats written to {args.out}/stats.json")
     logger.debug("%s", json.dumps(stats.to_dict()))

@@ -1,9 +1,11 @@
 """``semidyn-rag query DIR "question"``: retrieve, read latents from the store, answer.
 
 Chunks come from the corpus directory's FAISS index; their latents are derived from the store
-at the requested scale (misses are encoded and written back); the decoder answers from the
-latents of all retrieved chunks in one multi-context prompt. Prints the answer, the sources
-and the compression statistics (``--json`` for one machine-readable object).
+at the requested scale (misses are encoded and written back, unless the directory is read-only
+here); the decoder answers from the latents of all retrieved chunks in one multi-context
+prompt. A damaged store does not stop a query: the retrieved chunks are encoded instead, with a
+warning to run ``semidyn-rag repair DIR``. Prints the answer, the sources and the compression
+statistics (``--json`` for one machine-readable object).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections import Counter
+
+from . import add_trust_remote_code, allow_negative_values, compressor_overrides, fail, scale_arg, text_arg
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +25,11 @@ def register(subparsers) -> None:
                               description="Retrieve chunks from a corpus directory, read their latents "
                                           "from its store at a scale, and answer with the decoder.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    allow_negative_values(p)
     p.add_argument("dir", help="corpus directory built by `semidyn-rag precompress`")
-    p.add_argument("question")
+    p.add_argument("question", type=text_arg)
     p.add_argument("-k", type=int, default=5, help="chunks to retrieve")
-    p.add_argument("--scale", type=float, default=None,
+    p.add_argument("--scale", type=scale_arg, default=None,
                    help="compression scale (default: the one the directory was precompressed at)")
     p.add_argument("--factor", type=int, default=None, help="force one pooling factor instead of the selector")
     p.add_argument("--compressor", default=None,
@@ -33,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default=None, help="device for the compressor (default: CUDA if available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_trust_remote_code(p)
     p.set_defaults(func=run)
 
 
@@ -44,38 +49,37 @@ def run(args: argparse.Namespace) -> int:
     try:
         corpus = CorpusDirectory(args.dir)
     except CorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), 1)
     with corpus:
         recorded = corpus.manifest.compressor
         ckpt = args.compressor or (recorded.path if recorded else None)
         if not ckpt:
-            print(f"error: {args.dir} records no compressor checkpoint; pass --compressor CKPT", file=sys.stderr)
-            return 2
-        overrides = {"device": args.device} if args.device else {}
+            return fail(f"{args.dir} records no compressor checkpoint; pass --compressor CKPT", 2)
         try:
-            comp = SemiDynamicCompressor.from_pretrained(ckpt, **overrides)
+            comp = SemiDynamicCompressor.from_pretrained(ckpt, **compressor_overrides(args, args.device))
         except CheckpointError as e:
             hint = "" if args.compressor else " (recorded in corpus.json; pass --compressor to use another)"
-            print(f"error: cannot load the compressor {ckpt}{hint}: {e}", file=sys.stderr)
-            return 2
+            return fail(f"cannot load the compressor {ckpt}{hint}: {e}", 2)
+        pooling = comp.pooling
+        if args.factor is not None and pooling.takes != "factor":
+            return fail(f"--factor does not apply: this compressor's pooling ({pooling.kind}) takes a latent count", 2)
+        if args.factor is not None and args.factor not in pooling.candidates:
+            return fail(f"--factor {args.factor} is not a factor this compressor was trained on; "
+                        f"use one of {', '.join(map(str, pooling.candidates))}", 2)
         if recorded and comp.feature_fingerprint != recorded.feature_fingerprint:
             logger.warning("this compressor's encoder differs from the one %s was precompressed with; "
                            "retrieved chunks are encoded now and written back", args.dir)
         try:
             hits = corpus.search(args.question, k=args.k)
         except (CorpusError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+            return fail(str(e), 1)
         if not hits:
-            print("error: the corpus directory holds no chunks", file=sys.stderr)
-            return 1
+            return fail("the corpus directory holds no chunks", 1)
         scale = corpus.manifest.scale if args.scale is None else args.scale
         try:
             contexts, fetched = corpus.contexts(hits, comp, scale=scale, factor=args.factor)
         except ValueError as e:  # e.g. a forced factor the backbone cannot pool at
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return fail(str(e), 2)
         answer = comp.generate(args.question, contexts, max_new_tokens=args.max_new_tokens)
     result = report(args.question, answer, hits, contexts, fetched, scale)
     if args.json:

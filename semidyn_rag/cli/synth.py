@@ -103,7 +103,7 @@ def _teacher(args):
 
 
 def _limits(args):
-    from ..training.synth import Limits
+    from ..training.prompts import Limits
 
     return Limits(max_answer_words=args.max_answer_words, max_question_words=args.max_question_words,
                   max_concise_ratio=args.max_concise_ratio, grounding=args.grounding)

@@ -8,14 +8,19 @@ stopped and ends with the same directory as an uninterrupted run.
 
 The store step is pluggable (``engine``): ``encode_locally`` runs the compressor in this
 process; ``semidyn_rag.distributed.RayEngine`` runs it on a Ray cluster.
+
+A rerun also repairs damage rather than trusting file names: an index that cannot be read or
+does not fit the chunk table is rebuilt, and a damaged store file is moved aside
+(``latents.sqlite.corrupt-<time>``) and refilled from the chunk table. A full disk stops the
+run with ``DiskFullError`` saying how many chunks were saved; the rerun resumes from there.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -24,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..atomic import atomic_path, atomic_write_text, remove_stale_temporaries
-from ..store import LatentStore
+from ..atomic import DiskFullError, atomic_path, atomic_write_text, remove_stale_temporaries
+from ..store import CorruptStoreError, LatentStore, set_aside
 from .chunking import Chunk, Chunker, tokenizer_counter
 from .directory import (
     CHUNKS_FILE,
@@ -41,7 +46,7 @@ from .directory import (
 )
 from .documents import LoadReport, load_documents
 from .embedding import DEFAULT_EMBEDDER, Embedder
-from .index import IndexParams, build_index, save_index
+from .index import IndexParams, build_index, index_problem, save_index
 
 logger = logging.getLogger(__name__)
 
@@ -174,25 +179,80 @@ def encode_locally(chunks: list[Chunk], store: LatentStore, compressor, *, batch
     return len(chunks)
 
 
+def open_store_to_fill(path: Path, dtype: str, keys: list[str], fingerprint: str
+                       ) -> tuple[LatentStore, set[str], int, Path | None]:
+    """(store, keys without a valid entry, how many of those had a corrupt one, where a damaged
+    file was moved) for a build.
+
+    A store file that is damaged (SQLite cannot read it, or its quick_check fails) is moved
+    aside to ``<name>.corrupt-<time>`` and a new one is started: the chunk table has the texts.
+    """
+    try:
+        return (*_scan_store(path, dtype, keys, fingerprint), None)
+    except CorruptStoreError as e:
+        aside = set_aside(path)
+        logger.warning("%s is damaged (%s): moved it to %s; rebuilding the store from the chunk table",
+                       path, e.detail, aside.name)
+    return (*_scan_store(path, dtype, keys, fingerprint), aside)
+
+
+def _scan_store(path: Path, dtype: str, keys: list[str], fingerprint: str) -> tuple[LatentStore, set[str], int]:
+    store = LatentStore(path, dtype=dtype)
+    try:
+        store.check_integrity()
+        present = set(keys) - set(store.missing(keys, fingerprint))
+        todo = set(store.missing(keys, fingerprint, verify=True))
+    except BaseException:
+        store.close()
+        raise
+    corrupt = len(todo & present)
+    if corrupt:
+        logger.warning("%d corrupt store entries will be recomputed", corrupt)
+    return store, todo, corrupt
+
+
+def fill_store(engine: EncodeEngine, pending: list[Chunk], store: LatentStore, compressor, *, batch_size: int,
+               advance: Callable[[int], None], total: int) -> int:
+    """Run ``engine`` over ``pending``; returns how many chunks it encoded.
+
+    A full disk raises DiskFullError saying how many chunks this run saved (each saved batch
+    is committed) and that rerunning the same command resumes from there.
+    """
+    if not pending:
+        return 0
+    saved = 0
+
+    def count(n: int) -> None:
+        nonlocal saved
+        saved += n
+        advance(n)
+
+    try:
+        return engine(pending, store, compressor, batch_size=batch_size, advance=count)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        have = total - len(pending) + saved
+        size = sum(_size(Path(f"{store.path}{x}")) for x in ("", "-wal", "-shm"))
+        raise DiskFullError(f"no space left on the device writing {store.path}: this run saved {saved} of "
+                            f"{len(pending)} chunks to encode ({have} of {total} are in the store, "
+                            f"{size / 1e6:.1f} MB); free some space and rerun the same command to resume",
+                            store.path) from e
+
+
 def latent_counts(compressor, y_hat: list[float], n_tokens: list[int], scale: float) -> tuple[list[int], list[int]]:
     """(choice per chunk, latents per chunk) at ``scale``, without reading features.
 
-    The choice is the factor (mean pooling: M = ceil(n / factor)) or the latent count M.
+    The choice is what the pooling stage takes (a factor or a latent count); the stage says
+    how many latents a chunk of ``n`` tokens gets at it.
     """
     import torch
 
     if not y_hat:
         return [], []
     choice = compressor.select(torch.tensor(y_hat), torch.tensor(n_tokens), scale).tolist()
-    backbone = compressor.config.backbone
-    if backbone == "mean_pool":
-        latents = [max(1, math.ceil(n / f)) for n, f in zip(n_tokens, choice)]
-    elif backbone == "last_tokens":
-        cap = compressor.backbone.max_len
-        latents = [min(m, n + 1, cap) for n, m in zip(n_tokens, choice)]
-    else:
-        latents = list(choice)
-    return choice, latents
+    pooling = compressor.pooling
+    return choice, [pooling.n_latents(n, c) for n, c in zip(n_tokens, choice)]
 
 
 def precompress(
@@ -220,8 +280,13 @@ def precompress(
     """
     from tqdm.auto import tqdm
 
+    from ..pipeline.selector import check_scale
+
     t_start = time.perf_counter()
+    scale = check_scale(scale)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CorpusError(f"{out} is a file, not a corpus directory; choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     index = index or IndexParams()
@@ -254,7 +319,12 @@ def precompress(
 
     # 2. embeddings -> FAISS index (only when the texts, embedder or index settings changed)
     index_ok = (old is not None and old.texts_digest == tdigest and old.embedder == embedder.name
-                and old.index == index and (out / INDEX_FILE).is_file())
+                and old.index == index)
+    if index_ok:
+        problem = index_problem(out / INDEX_FILE, len(chunks), old.embedding_dim)
+        if problem:
+            logger.warning("%s %s: rebuilding it", out / INDEX_FILE, problem)
+            index_ok = False
     if index_ok:
         dim = old.embedding_dim
     else:
@@ -274,18 +344,15 @@ def precompress(
     # 3. encoder features -> latent store (only what is missing or corrupt; commit per batch)
     fp = compressor.feature_fingerprint
     keys = [c.key for c in chunks]
-    with LatentStore(out / STORE_FILE, dtype=store_dtype) as store:
-        present = set(keys) - set(store.missing(keys, fp))
-        todo = set(store.missing(keys, fp, verify=True))
-        corrupt = len(todo & present)
-        if corrupt:
-            logger.warning("%d corrupt store entries will be recomputed", corrupt)
+    store, todo, corrupt, _ = open_store_to_fill(out / STORE_FILE, store_dtype, keys, fp)
+    with store:
         pending = sorted((c for c in chunks if c.key in todo), key=lambda c: (c.n_tokens, c.key))
         t_enc = time.perf_counter()
         bar = tqdm(total=len(chunks), initial=len(chunks) - len(pending), unit="chunk", desc="compressing",
                    dynamic_ncols=True, disable=not progress, smoothing=0.1)
         try:
-            n_encoded = engine(pending, store, compressor, batch_size=batch_size, advance=bar.update) if pending else 0
+            n_encoded = fill_store(engine, pending, store, compressor, batch_size=batch_size, advance=bar.update,
+                                   total=len(chunks))
         finally:
             bar.close()
         enc_seconds = time.perf_counter() - t_enc
@@ -300,7 +367,7 @@ def precompress(
     n = [summaries[k][1] for k in keys]
     choice, lat = latent_counts(compressor, y, n, scale)
     total_tokens, total_latents = sum(n), sum(lat)
-    mean_pool = compressor.config.backbone == "mean_pool"
+    mean_pool = compressor.pooling.takes == "factor"
     per_chunk = [t / m for t, m in zip(n, lat)]
     sizes = {"chunks": _size(out / CHUNKS_FILE), "index": _size(out / INDEX_FILE),
              "store": sum(_size(Path(f"{out / STORE_FILE}{x}")) for x in ("", "-wal", "-shm"))}

@@ -7,6 +7,11 @@ longer than the budget is cut at word boundaries (a word longer than the budget 
 boundaries). With ``overlap`` > 0 a chunk starts with the trailing sentences of the previous
 one, up to that many tokens. The budget is in the compressor's encoder tokens because that is
 what the encoder reads and what the compression factor divides.
+
+Cutting an over-long word is linear in its length: the word is tokenized once and cut at the
+character offsets of every ``chunk_tokens``-th token (``TokenizerCounter.offsets``); only a
+piece that re-tokenizes over the budget, or a counter without offsets, falls back to a search
+over prefixes that grows from the budget, so each probe is about one piece long.
 """
 
 from __future__ import annotations
@@ -35,15 +40,28 @@ class Chunk:
     key: str  # store key: sha256 of the normalised text
 
 
-def tokenizer_counter(tokenizer) -> TokenCounter:
-    """A counter of tokens (no special tokens) for a Hugging Face tokenizer."""
+class TokenizerCounter:
+    """Counts tokens (no special tokens) with a Hugging Face tokenizer, and gives their offsets."""
 
-    def count(texts: Sequence[str]) -> list[int]:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
-        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
-    return count
+    def offsets(self, text: str) -> list[tuple[int, int]] | None:
+        """``(start, end)`` character span of each token of ``text``; None for a slow tokenizer."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return None
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [tuple(span) for span in enc["offset_mapping"]]
+
+
+def tokenizer_counter(tokenizer) -> TokenCounter:
+    """A counter of tokens (no special tokens) for a Hugging Face tokenizer (with ``offsets``)."""
+    return TokenizerCounter(tokenizer)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -127,29 +145,68 @@ class Chunker:
     def _cut_long(self, sentence: str) -> list[tuple[str, int]]:
         """A sentence over the budget, as pieces within it: whole words where possible."""
         words = sentence.split(" ")
-        counts = self.count(words)
+        if len(words) == 1:  # one long word (a URL, a base64 blob): no need to count it again
+            return self._pack(*map(list, zip(*self._cut_tokens(sentence))), 0)
         pieces, pc = [], []
-        for w, c in zip(words, counts):
-            if c <= self.chunk_tokens:
-                pieces.append(w)
-                pc.append(c)
-            else:
-                for p in self._cut_tokens(w):
-                    pieces.append(p)
-                    pc.append(self.count([p])[0])
+        for w, c in zip(words, self.count(words)):
+            for p, n in [(w, c)] if c <= self.chunk_tokens else self._cut_tokens(w):
+                pieces.append(p)
+                pc.append(n)
         return self._pack(pieces, pc, 0)  # overlap applies between sentences, not inside one
 
-    def _cut_tokens(self, word: str) -> list[str]:
-        """A single over-long word cut into character runs of at most the budget in tokens."""
-        out, start = [], 0
+    def _cut_tokens(self, word: str) -> list[tuple[str, int]]:
+        """A single over-long word as ``(piece, tokens)`` runs of at most the budget in tokens.
+
+        Linear in the word: one tokenization, cuts at token offsets, one count of the pieces.
+        """
+        offsets = getattr(self.count, "offsets", None)
+        spans = offsets(word) if offsets is not None else None
+        pieces = cut_at_offsets(word, spans, self.chunk_tokens) if spans else [word]
+        out: list[tuple[str, int]] = []
+        for p, n in zip(pieces, self.count(pieces)):
+            out.extend([(p, n)] if n <= self.chunk_tokens else self._search_cut(p))
+        return out
+
+    def _search_cut(self, word: str) -> list[tuple[str, int]]:
+        """Fallback: the longest prefixes within the budget, found by a search whose probes grow
+        from ``chunk_tokens`` characters, so each costs about one piece (not the whole word)."""
+        out, start, budget = [], 0, self.chunk_tokens
+        fits = lambda end: self.count([word[start:end]])[0] <= budget  # noqa: E731
         while start < len(word):
-            lo, hi = start + 1, len(word)
-            while lo < hi:  # longest prefix within the budget (binary search on characters)
+            lo, step = start + 1, max(1, budget)  # a prefix of one character always fits
+            hi = min(len(word), start + step)
+            while hi > lo and fits(hi):  # gallop: double until a prefix is over the budget
+                lo = hi
+                if hi == len(word):
+                    break
+                step *= 2
+                hi = min(len(word), start + step)
+            while lo < hi:  # binary search between the last fit and the first miss
                 mid = (lo + hi + 1) // 2
-                if self.count([word[start:mid]])[0] <= self.chunk_tokens:
+                if fits(mid):
                     lo = mid
                 else:
                     hi = mid - 1
-            out.append(word[start:lo])
+            piece = word[start:lo]
+            out.append((piece, self.count([piece])[0]))
             start = lo
         return out
+
+
+def cut_at_offsets(text: str, spans: Sequence[tuple[int, int]], budget: int) -> list[str]:
+    """``text`` cut before every ``budget``-th token, at clean character boundaries.
+
+    A boundary is clean when no earlier token reaches past it (byte-level tokenizers split one
+    character over several tokens, which then share its span); the cut backs off to the last
+    clean boundary within the budget. Pieces may re-tokenize differently: callers count them.
+    """
+    cuts, i, n = [0], 0, len(spans)
+    while n - i > budget:
+        j = i + budget
+        while j > i and not (spans[j][0] >= spans[j - 1][1] and spans[j][0] > cuts[-1]):
+            j -= 1
+        if j == i:  # no clean boundary within reach: leave the rest to the caller's search
+            break
+        cuts.append(spans[j][0])
+        i = j
+    return [text[a:b] for a, b in zip(cuts, [*cuts[1:], len(text)])]

@@ -11,7 +11,10 @@ Layout::
     stats.json       what the last precompress run reported
 
 ``CorpusDirectory`` opens one for reading: ``search`` retrieves chunks, ``contexts`` turns hits
-into latents at any scale from the store (encoding and writing back what is missing).
+into latents at any scale from the store (encoding and writing back what is missing). Damage
+never ends a read with a traceback: a folder it cannot write gets a read-only store (no
+write-back), a damaged store is bypassed by encoding the chunks (with a warning naming
+``semidyn-rag repair``), and an unreadable index or manifest raises CorpusError saying what to run.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..store import FetchResult, LatentStore
+from ..store import CorruptStoreError, FetchResult, LatentStore, StoreError, encode_without_store
 from ..types import CompressedContext
 from .embedding import Embedder
-from .index import IndexParams, load_index
+from .index import IndexParams, faiss_reason, index_mismatch, load_index
 from .index import search as index_search
 
 logger = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class CorpusManifest(BaseModel):
     chunks_digest: str  # over every column of the chunk table
     texts_digest: str  # over the chunk keys in order (what the index depends on)
     store_dtype: str = "float16"
-    scale: float = 0.0
+    scale: float = Field(0.0, allow_inf_nan=False)
     compressor: CompressorRecord | None = None
 
 
@@ -108,12 +111,41 @@ def read_manifest(path: str | os.PathLike) -> CorpusManifest:
     if not file.is_file():
         raise CorpusError(f"{path} is not a corpus directory (no {MANIFEST_FILE}); build it with "
                           "`semidyn-rag precompress CORPUS --out DIR`")
-    raw = json.loads(file.read_text(encoding="utf-8"))
-    if raw.get("format") != FORMAT:
+    rebuild = "rerun the precompress command that built it to rewrite it"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorpusError(f"{file} is not valid JSON ({e}); {rebuild}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CorpusError(f"{file} is not a semidyn-rag corpus manifest")
+    if not isinstance(raw.get("format_version", 0), int):
+        raise CorpusError(f"{file}: format_version must be an integer, got {raw['format_version']!r}; {rebuild}")
     if raw.get("format_version", 0) > FORMAT_VERSION:
         raise CorpusError(f"{path} was written by a newer semidyn-rag (format {raw['format_version']})")
-    return CorpusManifest.model_validate(raw)
+    try:
+        return CorpusManifest.model_validate(raw)
+    except ValidationError as e:
+        bad = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'manifest'}: {err['msg']} (got {err.get('input')!r})"
+                        for err in e.errors()[:5])
+        raise CorpusError(f"{file} has invalid fields: {bad}; {rebuild}") from None
+
+
+def read_chunk_table(path: str | os.PathLike, manifest: CorpusManifest):
+    """The chunk table of the directory at ``path`` (pyarrow, memory-mapped), checked against
+    ``manifest``. Raises CorpusError when it cannot be read or belongs to another build."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = Path(path) / CHUNKS_FILE
+    try:
+        table = pq.read_table(file, memory_map=True)
+    except (OSError, pa.ArrowException) as e:
+        raise CorpusError(f"{file} cannot be read ({e}); it is what the rest of the directory is rebuilt "
+                          "from, so rerun precompress on the original documents") from None
+    digest = (table.schema.metadata or {}).get(DIGEST_KEY, b"").decode()
+    if digest != manifest.chunks_digest or table.num_rows != manifest.chunks:
+        raise CorpusError(f"{file} does not match {MANIFEST_FILE} (interrupted rebuild?); rerun precompress")
+    return table
 
 
 class CorpusDirectory:
@@ -121,10 +153,12 @@ class CorpusDirectory:
 
     The index, chunk table and embedder are loaded on first use. Raises CorpusError when the
     directory is incomplete or its parts do not belong together (e.g. a rebuild in progress).
+    ``readonly_store``: True opens the store read-only, False read-write, None (default) read-write
+    when this process can write the folder, else read-only with a warning.
     """
 
     def __init__(self, path: str | os.PathLike, *, embedder: Embedder | None = None,
-                 readonly_store: bool = False):
+                 readonly_store: bool | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         for name in (CHUNKS_FILE, INDEX_FILE):
@@ -160,32 +194,36 @@ class CorpusDirectory:
 
     @property
     def store(self) -> LatentStore:
+        """The latent store. Raises CorruptStoreError when its file is damaged."""
         if self._store is None:
-            self._store = LatentStore(self.path / STORE_FILE, dtype=self.manifest.store_dtype,
-                                      readonly=self._readonly_store)
+            file, dtype = self.path / STORE_FILE, self.manifest.store_dtype
+            if self._readonly_store is None and file.exists():
+                self._store = LatentStore.for_reading(file, dtype=dtype)
+            else:
+                self._store = LatentStore(file, dtype=dtype, readonly=bool(self._readonly_store))
         return self._store
 
     @property
     def table(self):
         """The chunk table as a pyarrow Table (memory-mapped)."""
         if self._table is None:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(self.path / CHUNKS_FILE, memory_map=True)
-            digest = (table.schema.metadata or {}).get(DIGEST_KEY, b"").decode()
-            if digest != self.manifest.chunks_digest or table.num_rows != self.manifest.chunks:
-                raise CorpusError(f"{self.path / CHUNKS_FILE} does not match {MANIFEST_FILE} "
-                                  "(interrupted rebuild?); rerun precompress")
-            self._table = table
+            self._table = read_chunk_table(self.path, self.manifest)
         return self._table
 
     @property
     def index(self):
+        """The FAISS index. Raises CorpusError when it cannot be read or does not fit the chunk table."""
         if self._index is None:
-            index = load_index(self.path / INDEX_FILE, self.manifest.index)
-            if index.ntotal != self.manifest.chunks:
-                raise CorpusError(f"{self.path / INDEX_FILE} holds {index.ntotal} vectors but the corpus has "
-                                  f"{self.manifest.chunks} chunks; rerun precompress")
+            file = self.path / INDEX_FILE
+            try:
+                index = load_index(file, self.manifest.index)
+            except RuntimeError as e:
+                raise CorpusError(f"{file} cannot be read ({faiss_reason(e)}); rebuild it with "
+                                  f"`semidyn-rag repair {self.path}` or by rerunning precompress") from None
+            problem = index_mismatch(index, self.manifest.chunks, self.manifest.embedding_dim)
+            if problem:
+                raise CorpusError(f"{file} {problem}; rebuild it with `semidyn-rag repair {self.path}` "
+                                  "or by rerunning precompress")
             self._index = index
         return self._index
 
@@ -205,6 +243,8 @@ class CorpusDirectory:
         """The ``k`` chunks most similar to ``query``, best first."""
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
+        if not query.strip():
+            raise ValueError("the question is empty")
         if not self.manifest.chunks:
             return []
         vec = self.embedder.embed([query])
@@ -221,11 +261,19 @@ class CorpusDirectory:
         """Encoder features of ``chunks`` for ``compressor``: from the store, misses encoded.
 
         Misses (and corrupt entries) are encoded in one pass and written back unless
-        ``write_back`` is False or the store was opened read-only.
+        ``write_back`` is False or the store was opened read-only. A damaged or unusable store
+        is bypassed: every chunk is encoded, with a warning (naming ``semidyn-rag repair``).
         """
-        recs = [c.chunk if isinstance(c, SearchHit) else c for c in chunks]
-        return self.store.fetch_or_encode(compressor, [c.text for c in recs], batch_size=batch_size,
-                                          write_back=write_back)
+        texts = [(c.chunk if isinstance(c, SearchHit) else c).text for c in chunks]
+        try:
+            return self.store.fetch_or_encode(compressor, texts, batch_size=batch_size, write_back=write_back)
+        except CorruptStoreError as e:
+            logger.warning("%s is damaged (%s): encoding the %d chunks instead; run `semidyn-rag repair %s` "
+                           "to rebuild it", e.path, e.detail, len(texts), self.path)
+        except StoreError as e:  # e.g. no store yet in a folder this process cannot write
+            logger.warning("%s: encoding the %d chunks instead", e, len(texts))
+        self.close()
+        return encode_without_store(compressor, texts, batch_size=batch_size)
 
     def contexts(self, chunks: Sequence[ChunkRecord | SearchHit], compressor, *, scale: float | None = None,
                  factor: int | None = None, length: int | None = None,

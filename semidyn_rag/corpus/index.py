@@ -2,7 +2,9 @@
 
 ``flat`` (IndexFlatIP, exact) is the default; ``ivf`` (IndexIVFFlat, trained on the corpus
 vectors) and ``hnsw`` (IndexHNSWFlat) trade a little recall for speed on large corpora. Row ids
-are chunk ids: the i-th vector added is chunk i. Written atomically.
+are chunk ids: the i-th vector added is chunk i. Written atomically; ``index_problem`` says
+whether a file on disk still fits its chunk table (readable, one vector per chunk, the
+embedder's dimension), so a resumed build can rebuild a damaged one instead of trusting it.
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ def save_index(index, path: str | os.PathLike) -> None:
     import faiss
 
     with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as e:  # FAISS reports a failed write (e.g. a full disk) as RuntimeError
+            raise OSError(f"cannot write {path}: {faiss_reason(e)}; nothing was replaced (is the disk full?)") from e
 
 
 def load_index(path: str | os.PathLike, params: IndexParams | None = None):
@@ -85,3 +90,29 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids), each (n_queries x k'); k' = min(k, index size); missing hits are dropped by callers (id -1)."""
     k = max(1, min(k, index.ntotal))
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def faiss_reason(e: RuntimeError) -> str:
+    """The useful part of a FAISS error (its messages start with a C++ signature and a file:line)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.rsplit("Error: ", 1)[-1].strip() if "Error: " in text else text
+
+
+def index_mismatch(index, n_vectors: int, dim: int) -> str | None:
+    """Why ``index`` does not fit a chunk table of ``n_vectors`` ``dim``-d embeddings, or None."""
+    if index.ntotal != n_vectors:
+        return f"holds {index.ntotal} vectors but the corpus has {n_vectors} chunks"
+    if index.d != dim:
+        return f"holds {index.d}-d vectors but the embedder gives {dim}-d ones"
+    return None
+
+
+def index_problem(path: str | os.PathLike, n_vectors: int, dim: int) -> str | None:
+    """Why the index file at ``path`` must be rebuilt (missing, unreadable, not fitting), or None."""
+    if not os.path.isfile(path):
+        return "is missing"
+    try:
+        index = load_index(path)
+    except RuntimeError as e:
+        return f"cannot be read ({faiss_reason(e)})"
+    return index_mismatch(index, n_vectors, dim)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..decoder import LatentDecoder
+from ..pipeline.decoder import LatentDecoder
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ from which each fixed factor and semi-dynamic scale derives its latents
 (``comp.compress_features``); then, system by system, answer each question with a timed
 greedy decode and append the scored line to ``samples.jsonl``. A rerun with the same
 settings skips what is already there, so a killed run resumes where it stopped; a rerun with
-other settings is refused (the ``run.json`` key differs) rather than mixed in.
+other settings is refused (the ``run.json`` key differs) rather than mixed in. This module
+holds the run's config and its answering loop; ``contexts`` plans and encodes the contexts,
+``resume`` keeps the run key and the result log.
 
 Decoding runs one question at a time by default, so that latencies are per question (prefill,
 decode, time to first token). ``decode_batch_size`` > 1 decodes that many questions of one
@@ -16,12 +18,8 @@ then reported as per-question shares of each batch's time.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,21 +29,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from ..compressor import SemiDynamicCompressor
-from ..encoder import ContextTooLongError
+from .contexts import encode_contexts, plan_contexts
 from .datasets import QASample, load_qa_dataset, sample_subset
 from .decoding import has_adapters, timed_generate, timed_generate_batch
+from .errors import EvalError
 from .metrics import exact_match, f1_score, substring_match, summarize
 from .records import ResultLog, SampleResult, SystemSummary
-from .retrieval import CorpusRetriever, DenseRetriever
+from .resume import import_baselines, open_log, run_key
+from .retrieval import CorpusRetriever
 from .systems import DEFAULT_LLMLINGUA_MODEL, FAMILIES, ContextItem, System, build_systems
 
 logger = logging.getLogger(__name__)
 
 PAPER_SCALES = tuple(x / 2 for x in range(-4, 9))  # -2, -1.5, ..., 4 (the paper's Figure 4 sweep)
-
-
-class EvalError(ValueError):
-    """The run cannot go ahead as configured (the message says what to change)."""
 
 
 class EvalConfig(BaseModel):
@@ -56,6 +52,8 @@ class EvalConfig(BaseModel):
     dataset: str
     out: str
     compressor: str | None = Field(None, description="Checkpoint folder or hub id (or pass a compressor object).")
+    trust_remote_code: bool = Field(False, description="Let the base models' own Python files run (never set "
+                                    "by a checkpoint; only by the caller).")
     split: str = "validation"
     setting: Literal["gold", "rag"] = "gold"
     k: int = Field(5, ge=1)
@@ -108,14 +106,6 @@ class EvalOutcome:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-@dataclass
-class _Question:
-    sample: QASample
-    corpus_ids: list[int]  # indices into the run's context list
-    retrieve_s: float = 0.0
-    gold_retrieved: bool | None = None
-
-
 def run_evaluation(config: EvalConfig, compressor: SemiDynamicCompressor | None = None) -> EvalOutcome:
     """Run (or resume) the evaluation ``config`` describes and write its report.
 
@@ -131,14 +121,14 @@ def run_evaluation(config: EvalConfig, compressor: SemiDynamicCompressor | None 
     comp = compressor if compressor is not None else _load_compressor(config)
     questions = sample_subset(all_samples, config.limit, config.seed)
     baseline_base = _baseline_is_base(comp, config.baseline_decoder)
-    key = _run_key(config, comp, all_samples, baseline_base)
-    log = _open_log(out, key, config.overwrite)
+    key = run_key(config, comp, all_samples, baseline_base)
+    log = open_log(out, key, config.overwrite)
     (out / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
 
     systems, skipped = build_systems(comp, config.systems, factors=config.factors, scales=config.scales,
                                      llmlingua=config.llmlingua, llmlingua_model=config.llmlingua_model)
     if config.reuse_baselines:
-        _import_baselines(Path(config.reuse_baselines), key, log, systems, questions)
+        import_baselines(Path(config.reuse_baselines), key, log, systems, questions)
     pending = [(s, q) for s in systems for q in questions if (s.name, q.id) not in log]
     reused = len(systems) * len(questions) - len(pending)
     reads = _run_pending(config, comp, all_samples, pending, log, baseline_base, out) if pending else {}
@@ -158,6 +148,8 @@ def _load_compressor(config: EvalConfig) -> SemiDynamicCompressor:
     if not config.compressor:
         raise EvalError("no compressor given: pass --compressor CKPT")
     overrides = {"device": config.device} if config.device else {}
+    if config.trust_remote_code:
+        overrides["trust_remote_code"] = True
     return SemiDynamicCompressor.from_pretrained(config.compressor, **overrides)
 
 
@@ -172,104 +164,16 @@ def _baseline_is_base(comp: SemiDynamicCompressor, wanted: str) -> bool:
     return False  # frozen decoder: base and tuned are the same weights
 
 
-def _run_key(config: EvalConfig, comp, samples: Sequence[QASample], baseline_base: bool) -> dict:
-    """What results depend on; a resumed run must match it exactly."""
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(json.dumps([s.id, s.question, list(s.answers), s.context]).encode())
-    return {
-        "dataset": config.dataset, "split": config.split, "dataset_digest": h.hexdigest()[:32],
-        "seed": config.seed, "setting": config.setting,
-        "k": config.k if config.setting == "rag" else None,
-        "corpus": config.corpus, "corpus_digest": _corpus_digest(config.corpus) if config.corpus else None,
-        "retriever": config.retriever,
-        "compressor_fingerprint": comp.fingerprint, "max_new_tokens": config.max_new_tokens,
-        "question_suffix": config.question_suffix, "baseline_decoder_is_base": baseline_base,
-        "decode_batch_size": config.decode_batch_size,
-        "baseline_fingerprint": _baseline_fingerprint(comp, config),
-    }
-
-
-def _baseline_fingerprint(comp, config: EvalConfig) -> str:
-    """What text-baseline answers depend on: the base decoder, its tokenizer and prompt template."""
-    tok = comp.decoder.tokenizer
-    h = hashlib.sha256(comp.decoder_base_signature.encode())
-    h.update(json.dumps([len(tok), getattr(tok, "chat_template", None) or "", config.llmlingua_model]).encode())
-    return h.hexdigest()[:32]
-
-
-# Run-key fields that may differ between runs whose text baselines are interchangeable.
-_BASELINE_FREE = {"compressor_fingerprint"}
-
-
-def _import_baselines(src: Path, key: dict, log: ResultLog, systems: list[System], questions) -> int:
-    """Copy text-baseline answers from the eval folder ``src`` into ``log``; return how many."""
-    run_file = src / "run.json"
-    if not run_file.is_file():
-        raise EvalError(f"--reuse-baselines {src}: no run.json there (not an eval folder)")
-    other = json.loads(run_file.read_text())
-    if not (key["baseline_decoder_is_base"] and other.get("baseline_decoder_is_base")):
-        raise EvalError("--reuse-baselines needs both runs to read baselines with the base decoder")
-    diff = _key_diff(other, key, ignore=_BASELINE_FREE)
-    if diff:
-        raise EvalError(f"--reuse-baselines {src}: its baselines come from another setup (differs in: "
-                        f"{', '.join(diff)})")
-    theirs = ResultLog(src / "samples.jsonl").results
-    n = 0
-    for system in systems:
-        if not system.baseline:
-            continue
-        for q in questions:
-            r = theirs.get((system.name, q.id))
-            if r is not None and (system.name, q.id) not in log:
-                log.append(r)
-                n += 1
-    logger.info("reused %d baseline answers from %s", n, src)
-    return n
-
-
-def _corpus_digest(path: str) -> str:
-    from ..corpus import CorpusError, read_manifest
-
-    try:
-        return read_manifest(path).texts_digest
-    except CorpusError as e:
-        raise EvalError(str(e)) from None
-
-
-_PATH_KEYS = {"dataset", "corpus"}
-
-
-def _key_diff(old: dict, new: dict, ignore: set[str] = frozenset()) -> list[str]:
-    """Run-key fields on which two runs differ (paths may be spelled differently between runs;
-    their content digests are compared instead)."""
-    return sorted(k for k in (set(old) | set(new)) - _PATH_KEYS - ignore if old.get(k) != new.get(k))
-
-
-def _open_log(out: Path, key: dict, overwrite: bool) -> ResultLog:
-    run_file, log_file = out / "run.json", out / "samples.jsonl"
-    if run_file.is_file() and not overwrite:
-        old = json.loads(run_file.read_text())
-        diff = _key_diff(old, key)
-        if diff:
-            raise EvalError(f"{out} holds results of another run (differs in: {', '.join(diff)}); "
-                            "use another --out, or --overwrite to discard them")
-    elif log_file.exists():
-        log_file.unlink()
-    run_file.write_text(json.dumps(key, indent=2) + "\n")
-    return ResultLog(log_file)
-
-
 def _run_pending(config: EvalConfig, comp, all_samples, pending: list[tuple[System, QASample]],
                  log: ResultLog, baseline_base: bool, out: Path) -> dict:
     """Answer every pending (system, question) pair; return what feature reads cost."""
     needing = list({q.id: q for s, q in pending if s.uses_context}.values())
-    ctx = _plan_contexts(config, comp, all_samples, needing, out)
+    ctx = plan_contexts(config, comp, all_samples, needing, out)
     try:
         plan = ctx.plan
         latent_ids = sorted({i for s, q in pending if s.needs_features for i in plan[q.id].corpus_ids})
         items = {i: ContextItem(t) for i, t in enumerate(ctx.texts)}
-        _encode_contexts(config, comp, items, latent_ids, plan, ctx.features)
+        encode_contexts(config, comp, items, latent_ids, plan, ctx.features)
     finally:
         if ctx.retriever is not None and hasattr(ctx.retriever, "close"):
             ctx.retriever.close()
@@ -323,109 +227,3 @@ def _decode_groups(pending: list[tuple[System, QASample]], size: int):
         yield group
 
 
-@dataclass
-class _Contexts:
-    """The texts questions read, which ones each reads, and how their features are obtained."""
-
-    texts: list[str]
-    plan: dict[str, _Question]
-    features: Callable[[list[str]], list]
-    retriever: object | None = None
-
-
-def _plan_contexts(config: EvalConfig, comp, all_samples: Sequence[QASample], questions: list[QASample],
-                   out: Path) -> _Contexts:
-    def encode(texts: list[str]) -> list:
-        return comp.encode(texts, batch_size=len(texts))
-
-    if config.setting == "gold":
-        texts, index = _unique_contexts(questions)
-        plan = {}
-        for q in questions:
-            if q.context is None:
-                raise EvalError(f"question {q.id!r} has no context: the gold setting needs one "
-                                "(use --setting rag --corpus DIR for open-domain questions)")
-            plan[q.id] = _Question(q, [index[q.context]])
-        return _Contexts(texts, plan, encode)
-    if config.corpus:
-        return _plan_from_corpus(config, comp, questions)
-    texts, index = _unique_contexts(all_samples)
-    if not texts:
-        raise EvalError(f"{config.dataset} has no contexts to retrieve from; pass --corpus DIR "
-                        "(a corpus folder made by `semidyn-rag precompress`)")
-    retriever = DenseRetriever(texts, config.retriever, cache_dir=out)
-    plan = {}
-    for q in tqdm(questions, desc="retrieving", unit="q", disable=not config.progress):
-        hit = retriever.search(q.question, config.k)
-        gold = index.get(q.context) if q.context is not None else None
-        plan[q.id] = _Question(q, hit.indices, hit.seconds, None if gold is None else gold in hit.indices)
-    return _Contexts(texts, plan, encode, retriever)
-
-
-def _plan_from_corpus(config: EvalConfig, comp, questions: list[QASample]) -> _Contexts:
-    """Retrieve from a corpus folder; features come from its store (misses encoded, not stored)."""
-    retriever = CorpusRetriever(config.corpus)
-    texts: list[str] = []
-    local: dict[int, int] = {}  # corpus chunk id -> index into texts
-    plan = {}
-    for q in tqdm(questions, desc="retrieving", unit="q", disable=not config.progress):
-        hit = retriever.search(q.question, config.k)
-        ids = []
-        for cid, text in zip(hit.indices, hit.texts):
-            if cid not in local:
-                local[cid] = len(texts)
-                texts.append(text)
-            ids.append(local[cid])
-        # A chunk of the question's own context counts as the gold one (chunking splits contexts).
-        gold = None
-        if q.context is not None:
-            own = " ".join(q.context.split())
-            gold = any(" ".join(t.split()) in own for t in hit.texts)
-        plan[q.id] = _Question(q, ids, hit.seconds, gold)
-    return _Contexts(texts, plan, lambda t: retriever.features(comp, t, len(t)), retriever)
-
-
-def _unique_contexts(samples: Sequence[QASample]) -> tuple[list[str], dict[str, int]]:
-    index: dict[str, int] = {}
-    for s in samples:
-        if s.context is not None and s.context not in index:
-            index[s.context] = len(index)
-    return list(index), index
-
-
-def _encode_contexts(config: EvalConfig, comp, items: dict[int, ContextItem], ids: list[int],
-                     plan: dict[str, _Question], features: Callable[[list[str]], list]) -> None:
-    """Encode (or read) each context once, in batches; give each its share of its batch's time."""
-    if not ids:
-        return
-    ids = sorted(ids, key=lambda i: len(items[i].text))  # similar lengths pad less
-    bar = tqdm(total=len(ids), desc="encoding contexts", unit="ctx", disable=not config.progress)
-    for s in range(0, len(ids), config.batch_size):
-        batch = ids[s : s + config.batch_size]
-        if comp.device.type == "cuda":
-            torch.cuda.synchronize(comp.device)
-        t0 = time.perf_counter()
-        try:
-            feats = features([items[i].text for i in batch])
-        except (ContextTooLongError, ValueError):
-            _raise_for_bad_context(comp, items, batch, plan)
-            raise
-        if comp.device.type == "cuda":
-            torch.cuda.synchronize(comp.device)
-        share = (time.perf_counter() - t0) / len(batch)
-        for i, f in zip(batch, feats):
-            items[i].features, items[i].encode_s = f, share
-        bar.update(len(batch))
-    bar.close()
-
-
-def _raise_for_bad_context(comp, items: dict[int, ContextItem], batch: list[int], plan: dict[str, _Question]):
-    """Find the context of ``batch`` the encoder refuses and raise naming the questions reading it."""
-    for i in batch:
-        try:
-            comp.encoder.tokenize([items[i].text])
-        except (ContextTooLongError, ValueError) as e:
-            users = sorted(q.sample.id for q in plan.values() if i in q.corpus_ids)
-            more = f" and {len(users) - 5} more" if len(users) > 5 else ""
-            raise EvalError(f"the context of question(s) {', '.join(map(repr, users[:5]))}{more} cannot be "
-                            f"encoded: {str(e).replace('context 0', 'it')}") from e

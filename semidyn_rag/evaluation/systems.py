@@ -149,12 +149,12 @@ class _LatentSystem(System):
 class FixedFactor(_LatentSystem):
     family = "fixed"
 
-    def __init__(self, value: int, mean_pool: bool = True):
-        super().__init__(f"fixed_x{value}" if mean_pool else f"fixed_len{value}", float(value))
-        self.value, self.mean_pool = int(value), mean_pool
+    def __init__(self, value: int, takes: str = "factor"):
+        super().__init__(f"fixed_x{value}" if takes == "factor" else f"fixed_len{value}", float(value))
+        self.value, self.takes = int(value), takes
 
     def _compress_kwargs(self) -> dict:
-        return {"factor": self.value} if self.mean_pool else {"length": self.value}
+        return {self.takes: self.value}
 
 
 class SemiDynamic(_LatentSystem):
@@ -212,12 +212,10 @@ def build_systems(
     unknown = set(families) - set(FAMILIES)
     if unknown:
         raise ValueError(f"unknown system families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
-    mean_pool = comp.config.backbone == "mean_pool"
-    factors = list(factors) if factors else list(comp.config.candidates)
-    if mean_pool:
-        bad = [f for f in factors if f < 1 or f % comp.backbone.finest]
-        if bad:
-            raise ValueError(f"factors {bad} are not positive multiples of the finest factor {comp.backbone.finest}")
+    takes = comp.pooling.takes
+    factors = list(factors) if factors else list(comp.pooling.candidates)
+    for f in factors:
+        comp.pooling.check_size(f)
     systems: list[System] = []
     skipped: dict[str, str] = {}
     if "uncompressed" in families:
@@ -225,12 +223,12 @@ def build_systems(
     if "no_context" in families:
         systems.append(NoContext())
     if "fixed" in families:
-        systems += [FixedFactor(f, mean_pool) for f in factors]
+        systems += [FixedFactor(f, takes) for f in factors]
     if "semi_dynamic" in families:
         if not scales:
             raise ValueError("semi_dynamic needs at least one scale")
         systems += [SemiDynamic(s) for s in scales]
-    if "llmlingua2" in families and llmlingua != "off" and not mean_pool:
+    if "llmlingua2" in families and llmlingua != "off" and takes != "factor":
         if llmlingua == "on":
             raise ValueError("LLMLingua-2 at matching ratios needs a mean-pooling compressor (fixed factors)")
         skipped["llmlingua2"] = "matching ratios need a mean-pooling compressor"

@@ -9,6 +9,9 @@ One SQLite file in WAL mode gives many readers and serialised writers across pro
 ``put_many`` is one ``BEGIN IMMEDIATE`` transaction (all or nothing, also under ``kill -9``),
 retried with backoff while another process holds the write lock. Entries are checksummed, an
 entry under another fingerprint is never returned, and a corrupt one is reported, never used.
+A damaged file raises ``CorruptStoreError`` and a full disk ``StoreFullError`` (see ``sqlite``).
+A read-only store (``readonly=True``, e.g. in a folder the reader cannot write) serves reads;
+``fetch_or_encode`` then skips the write-back of what it encoded, with a warning.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..types import ContextFeatures
+from .fetch import FetchResult, StoreStats
 from .keys import chunk_key, normalize_text
 from .record import STORAGE_DTYPES, CorruptEntryError, Record, check, pack, unpack
+from .sqlite import CorruptStoreError, StoreBusyError, StoreError, connect, is_busy, translate, writable
 
 logger = logging.getLogger(__name__)
 
@@ -58,38 +62,6 @@ _INSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}, created) VALUES ({','.jo
 _INHERITED: list[sqlite3.Connection] = []
 
 
-class StoreBusyError(RuntimeError):
-    """The store stayed locked by other writers for longer than the retry budget."""
-
-
-@dataclass
-class StoreStats:
-    """What a store holds: entries per fingerprint and dtype, payload and file bytes."""
-
-    path: str
-    entries: int
-    by_fingerprint: dict[str, int]
-    by_dtype: dict[str, int]
-    payload_bytes: int  # feature + count blobs
-    file_bytes: int  # database, WAL and shared-memory files on disk
-    tokens: int  # source tokens over all entries
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class FetchResult:
-    """Features for a list of texts, and how many came from the store (vs. the encoder)."""
-
-    features: list[ContextFeatures]
-    keys: list[str]
-    hits: int
-    encoded: int
-    corrupt: list[str] = field(default_factory=list)
-    encoded_keys: set[str] = field(default_factory=set)  # keys that were encoded now (missing or corrupt)
-
-
 class LatentStore:
     """Checksummed ``ContextFeatures`` by (chunk key, feature fingerprint), on SQLite in WAL mode.
 
@@ -115,6 +87,27 @@ class LatentStore:
             raise FileNotFoundError(f"no latent store at {self.path}")
         self._connection()  # create the schema (or fail) now, not on first use
 
+    @classmethod
+    def for_reading(cls, path: str | os.PathLike, **kwargs) -> LatentStore:
+        """Open an existing store the way a reader should: read-write where this process may write
+        (misses found later are written back), read-only otherwise, with a warning.
+
+        Raises FileNotFoundError when there is no store, CorruptStoreError when it is damaged.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no latent store at {path}")
+        if writable(path):
+            try:
+                return cls(path, **kwargs)
+            except CorruptStoreError:
+                raise
+            except StoreError as e:  # e.g. a folder that refuses SQLite's WAL files
+                logger.warning("%s; opening it read-only", e)
+        else:
+            logger.warning("%s is read-only here: chunks encoded now are not written back", path)
+        return cls(path, readonly=True, **kwargs)
+
     # -- connection ---------------------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
@@ -123,26 +116,42 @@ class LatentStore:
         if self._conn is not None:  # a connection must not cross fork(): set it aside, unclosed
             _INHERITED.append(self._conn)
             self._conn = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.readonly:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=self.timeout,
-                                   isolation_level=None, check_same_thread=False)
-        else:
-            conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None,
-                                   check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         if not self.readonly:
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            exists = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone()
-            if not exists:  # only a new store takes the write lock on open
-                self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
-                self._retry(lambda: conn.executescript(_SCHEMA))
-        row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-        if row is None or int(row[0]) > SCHEMA_VERSION:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = connect(self.path, readonly=self.readonly, timeout=self.timeout)
+        except sqlite3.Error as e:
+            raise translate(self.path, e) from e
+        try:
+            self._check_schema(conn)
+        except BaseException:
             conn.close()
-            raise RuntimeError(f"{self.path} is not a latent store this version can read (schema {row})")
+            raise
         self._conn, self._pid = conn, os.getpid()
         return conn
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        """Create the schema in a new store; refuse a file that is not a store this version reads."""
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            if not self.readonly:
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                exists = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone()
+                if not exists:  # only a new store takes the write lock on open
+                    self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
+                    self._retry(lambda: conn.executescript(_SCHEMA))
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() \
+                if "meta" in tables else None
+        except sqlite3.Error as e:
+            if is_busy(e):
+                raise
+            raise translate(self.path, e) from e
+        if not {"meta", "entries"} <= tables or row is None:
+            raise CorruptStoreError(self.path, "no latent store tables in it")
+        if int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} was written by a newer semidyn-rag (store schema {row[0]}, "
+                             f"this version reads {SCHEMA_VERSION})")
 
     def _retry(self, op):
         """Run ``op`` until it gets past "database is locked", with jittered backoff."""
@@ -151,9 +160,9 @@ class LatentStore:
         while True:
             try:
                 return op()
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e):
-                    raise
+            except sqlite3.Error as e:
+                if not is_busy(e):
+                    raise translate(self.path, e) from e
                 if time.monotonic() > deadline:
                     raise StoreBusyError(f"{self.path} stayed locked for {self.timeout:.0f} s: {e}") from e
                 time.sleep(delay * (1 + random.random()))
@@ -265,6 +274,18 @@ class LatentStore:
                         bad.append((row[0], row[1]))
         return bad
 
+    def check_integrity(self) -> None:
+        """SQLite's quick_check over the whole file (pages, b-trees); raises CorruptStoreError if it fails.
+
+        Entry checksums (``verify``) catch flipped bytes inside blobs; this catches damage
+        to the file's structure that a read of some entries might not touch.
+        """
+        with self._lock:
+            conn = self._connection()
+            rows = self._retry(lambda: conn.execute("PRAGMA quick_check").fetchall())
+        if [r[0] for r in rows] != ["ok"]:
+            raise CorruptStoreError(self.path, "; ".join(str(r[0]) for r in rows[:3]))
+
     def stats(self) -> StoreStats:
         """Counts and sizes of what the store holds."""
         with self._lock:
@@ -349,25 +370,35 @@ class LatentStore:
 
     # -- read-through -------------------------------------------------------------------------
 
-    def fetch_or_encode(self, compressor, texts: Sequence[str], *, batch_size: int = 16,
-                        write_back: bool = True) -> FetchResult:
+    def fetch_or_encode(self, compressor, texts: Sequence[str], *, batch_size: int = 16, write_back: bool = True,
+                        keys: Sequence[str] | None = None,
+                        token_ids: Sequence[Sequence[int]] | None = None) -> FetchResult:
         """Features of ``texts`` for ``compressor``: from the store, misses encoded (and stored).
 
         Texts are normalised first (the key's normal form), so features always belong to the
-        text their key names. Corrupt entries are logged, re-encoded and replaced.
+        text their key names; ``keys`` (with ``texts`` already normalised) and ``token_ids``
+        (the encoder's ids of those texts) spare hashing and tokenizing again. Corrupt entries
+        are logged, re-encoded and replaced. On a read-only store the write-back is skipped
+        with a warning. Raises CorruptStoreError when the file itself is damaged.
         """
-        norm = [normalize_text(t) for t in texts]
-        keys = [chunk_key(t) for t in norm]
+        norm = list(texts) if keys is not None else [normalize_text(t) for t in texts]
+        keys = list(keys) if keys is not None else [chunk_key(t) for t in norm]
         fp = compressor.feature_fingerprint
         found = self.get_many(keys, fp, on_corrupt="skip")
         unread = [k for k in dict.fromkeys(keys) if k not in found]
         corrupt = sorted(set(unread) - set(self.missing(unread, fp))) if unread else []
-        miss = {k: t for k, t in zip(keys, norm) if k not in found}
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # first position of each key
+        miss = [i for k, i in sorted(first.items(), key=lambda x: x[1]) if k not in found]
         if miss:
-            encoded = compressor.encode(list(miss.values()), batch_size=batch_size)
-            new = dict(zip(miss, encoded))
-            if write_back and not self.readonly:
+            encoded = (compressor.encode_ids([token_ids[i] for i in miss], batch_size) if token_ids is not None
+                       else compressor.encode([norm[i] for i in miss], batch_size=batch_size))
+            new = dict(zip((keys[i] for i in miss), encoded))
+            if write_back and self.readonly:
+                logger.warning("%s is read-only: %d chunks encoded now are not written back", self.path, len(new))
+            elif write_back:
                 self.put_many(new.items())
             found.update(new)
-        hits = sum(1 for k in keys if k not in miss)
-        return FetchResult([found[k] for k in keys], keys, hits, len(keys) - hits, corrupt, set(miss))
+        missed = {keys[i] for i in miss}
+        hits = sum(1 for k in keys if k not in missed)
+        return FetchResult([found[k] for k in keys], keys, hits, len(keys) - hits, corrupt, missed)
+

@@ -1,8 +1,10 @@
 """Training: records and density labels, teacher-driven data synthesis, and the joint trainer.
 
 ``records`` defines the JSONL schema, ``labels`` the density labels (Eq. 6), ``synth`` the
-two-phase teacher synthesis and the offline density proxy, ``config`` the YAML run config,
-``objective`` the joint loss, ``trainer`` the resumable loop. Heavy modules load lazily.
+two-phase teacher synthesis (``prompts`` what it asks and keeps, ``teachers`` who answers),
+``proxy`` the offline density proxy, ``config`` the YAML run config, ``objective`` the joint
+loss, ``trainer`` the resumable loop (``optim`` its optimizer and schedule, ``runtime`` its
+processes and device, ``checkpointing`` its checkpoints). Heavy modules load lazily.
 """
 
 from .config import DataConfig, ObjectiveConfig, OptimConfig, TrainConfig, load_train_config

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones import MeanPooling
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def calibrate_projector(comp, context_ids: Sequence[Sequence[int]], ridge: float
     rows, spans = [], []  # spans: (context index, size) per block of rows, for the targets
     for i, f in enumerate(feats):
         for s in sizes:
-            pooled = comp.backbone.derive([f.features], [f.counts], [s])[0]
+            pooled = comp.pooling.derive([f.features], [f.counts], [s])[0]
             rows.append(pooled.double())
             spans.append((i, s))
     x = torch.cat(rows)
@@ -114,7 +113,7 @@ def _hidden(proj, x: torch.Tensor) -> torch.Tensor:
 
 def _shares_vocab(comp) -> bool:
     """Window targets need mean pooling and encoder ids that are decoder ids too."""
-    if not isinstance(comp.backbone, MeanPooling):
+    if not comp.pooling.pools_windows:
         return False
     enc, dec = comp.encoder.tokenizer, comp.decoder.tokenizer
     if enc is dec:
@@ -125,11 +124,5 @@ def _shares_vocab(comp) -> bool:
 
 def _window_embeddings(comp, ids: list[list[int]], spans, emb: torch.Tensor) -> torch.Tensor:
     """Mean decoder input embedding of the tokens of each pooled window, row for row."""
-    out = []
-    for i, s in spans:
-        t = torch.tensor(ids[i])
-        window = torch.arange(len(t)) // s
-        n = int(window[-1]) + 1
-        sums = emb.new_zeros((n, emb.shape[1])).index_add_(0, window, emb[t])
-        out.append(sums / torch.bincount(window, minlength=n)[:, None].to(emb.dtype))
-    return torch.cat(out)
+    end_id = comp.encoder.eos_id
+    return torch.cat([comp.pooling.pool_ids(ids[i], end_id, emb, s) for i, s in spans])

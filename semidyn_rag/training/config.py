@@ -115,10 +115,13 @@ class TrainConfig(BaseModel):
         obj, comp = self.objective, self.compressor
         if obj.mode == "static" and obj.static_factor is None:
             raise ValueError("objective.mode 'static' needs objective.static_factor")
-        if obj.static_factor is not None and comp.backbone == "mean_pool" and self.init_from is None:
-            if obj.static_factor % comp.factors[0]:
-                raise ValueError(f"static_factor {obj.static_factor} is not a multiple of the finest "
-                                 f"factor {comp.factors[0]}")
+        if obj.static_factor is not None and self.init_from is None:
+            from ..pipeline.pooling import build_pooling
+
+            try:
+                build_pooling(comp, d_encoder=1).check_size(obj.static_factor)
+            except ValueError as e:
+                raise ValueError(f"static_factor: {e}") from None
         if obj.distill_weight > 0 and comp.decoder_training == "full" and self.init_from is None:
             raise ValueError("distillation needs a decoder with LoRA or frozen (the teacher is the base "
                              "decoder with adapters disabled); decoder_training is 'full'")

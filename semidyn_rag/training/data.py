@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..encoder import ContextTooLongError
-from ..placeholder import IGNORE_INDEX
+from ..pipeline.encoder import ContextTooLongError
+from ..pipeline.placeholder import IGNORE_INDEX
 from .labels import DensityLabeler
 from .records import RecordError, TrainingRecord, iter_records
 

@@ -4,7 +4,7 @@ One encoder pass per context gives both the density prediction (MSE against the 
 features; the chosen factor pools them, the projector maps them into the decoder, the decoder
 reads them where its prompt has placeholders, and the LM loss is taken on the answer tokens only
 (-100 on the prompt and on latent positions). The path is the inference path with autograd on:
-``_encode_batch`` -> ``backbone.derive`` -> ``_project`` -> ``decoder.expand``.
+``_encode_batch`` -> ``pooling.derive`` -> ``_project`` -> ``decoder.expand``.
 
 The optional distillation term is a token-level KL from the same decoder reading the
 uncompressed context with its adapters disabled (the base model as teacher) to the student
@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import CompressionTokens
-from ..placeholder import IGNORE_INDEX
+from ..pipeline.placeholder import IGNORE_INDEX
 from .config import ObjectiveConfig
 from .data import Batch
-from .dynamic import dynamic_lengths, dynamic_pool_sizes, mean_pool_windows
+from .dynamic import dynamic_encode
 
 
 class CompressorObjective(nn.Module):
@@ -36,7 +35,6 @@ class CompressorObjective(nn.Module):
         super().__init__()
         self.comp = comp
         self.objective = objective
-        self.mean_pool = comp.config.backbone == "mean_pool"
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Losses and counts: ``loss`` (to backprop), ``lm``, ``mse``, ``kl``, sums for averaging."""
@@ -81,22 +79,13 @@ class CompressorObjective(nn.Module):
         """(y_hat, pooled rows per context, size per context) for the batch's contexts."""
         comp = self.comp
         if self.objective.mode == "fully_dynamic":
-            extra = comp.backbone.memory if isinstance(comp.backbone, CompressionTokens) else None
-            enc = comp.encoder(batch.context_ids, extra=extra)
-            y_hat = comp.density_head(enc.eos_state).float()
-            if self.mean_pool:
-                lo, hi = comp.config.factors[0], comp.config.factors[-1]
-                sizes = dynamic_pool_sizes(y_hat, lo, hi)
-                return y_hat, mean_pool_windows(enc.hidden, enc.text_start, enc.n_tokens, sizes), sizes
-            feats = comp.backbone.extract(enc)
-            sizes = dynamic_lengths(y_hat, enc.n_tokens, comp.backbone.max_len)
-            return y_hat, comp.backbone.derive([f for f, _ in feats], None, sizes), sizes
+            return dynamic_encode(comp, batch.context_ids)
         y_hat, feats = comp._encode_batch(batch.context_ids)
         sizes = batch.sizes
         if sizes is None:  # the head chooses, as at inference
             n = torch.tensor([len(c) for c in batch.context_ids])
             sizes = comp.select(y_hat.detach().cpu(), n).tolist()
-        pooled = comp.backbone.derive([f for f, _ in feats], [c for _, c in feats], list(sizes))
+        pooled = comp.pooling.derive([f for f, _ in feats], [c for _, c in feats], list(sizes))
         return y_hat, pooled, list(sizes)
 
     def _distill_kl(self, batch: Batch, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

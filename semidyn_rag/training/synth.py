@@ -8,10 +8,8 @@ soon as a batch is answered, so an interrupted run picks up at the first unfinis
 ``assemble`` then joins both into ``records.jsonl`` (training records; see ``records``).
 
 Seeds are deduplicated by normalized text, QA pairs by normalized question per context.
-Teacher output is validated before it is kept: answers must be grounded in the context (a
-normalized substring, or mostly made of context words), and questions, answers and summaries
-must respect length limits; rejections are recorded with their reason and not asked again
-unless ``retry_rejected``.
+Teacher output is validated before it is kept (the prompts and the checks live in ``prompts``);
+rejections are recorded with their reason and not asked again unless ``retry_rejected``.
 """
 
 from __future__ import annotations
@@ -23,31 +21,25 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from ..jsonl import iter_json_lines
 from .data import context_key
+from .prompts import (
+    PHASE1_PROMPT,
+    PHASE2_PROMPT,
+    Limits,
+    check_qa,
+    check_summary,
+    clean_concise,
+    normalize,
+    parse_phase1,
+)
 from .records import DEFAULT_SUMMARY_INSTRUCTION, TrainingRecord, iter_records, write_records
 from .teachers import Teacher
 
 logger = logging.getLogger(__name__)
-
-PHASE1_PROMPT = """Read the text below. Write {n} question-answer pairs about it and a summary of it.
-Each answer must be a short span copied exactly from the text. The summary has 2 to 4 sentences.
-Reply with JSON only, in exactly this form:
-{{"qa": [{{"question": "...", "answer": "..."}}], "summary": "..."}}
-
-Text:
-{context}"""
-
-PHASE2_PROMPT = """Write an ultra-concise summary of the text below. Keep every distinct fact and omit \
-all redundant words: no filler, no repetition, telegraphic style is fine. Reply with the summary only.
-
-Text:
-{context}"""
 
 _SEED_EXTS = {".txt", ".md", ".jsonl", ".json", ".parquet"}
 
@@ -163,116 +155,6 @@ def _texts(value, source: str) -> Iterable[tuple[str, str]]:
                 yield f"{source}[{j}]", v
     elif isinstance(value, str):
         yield source, value
-
-
-# -- parsing and validation --------------------------------------------------------------------
-
-class Limits(BaseModel):
-    """What teacher output must satisfy to be kept (word counts)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_question_words: int = Field(40, ge=1)
-    max_answer_words: int = Field(30, ge=1)
-    min_summary_words: int = Field(5, ge=1)
-    max_summary_ratio: float = Field(0.6, gt=0, le=1, description="Summary words / context words, at most.")
-    max_concise_ratio: float = Field(0.5, gt=0, le=1, description="Ultra-concise summary words / context words.")
-    grounding: Literal["substring", "overlap"] = "substring"
-    min_overlap: float = Field(0.8, gt=0, le=1, description="Share of answer words found in the context (overlap).")
-
-
-def normalize(text: str) -> str:
-    """Lower case, word characters only (the evaluation's normalization, spaces dropped)."""
-    return re.sub(r"\W+", "", text.lower())
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def parse_phase1(reply: str) -> tuple[list[tuple[str, str]], str | None]:
-    """QA pairs and summary from a phase-1 reply: JSON, or ``Q:``/``A:`` lines as a fallback."""
-    obj = _first_json_object(reply)
-    if isinstance(obj, dict):
-        qa = []
-        for item in obj.get("qa") or obj.get("questions") or []:
-            if isinstance(item, dict):
-                q, a = item.get("question"), item.get("answer")
-                if isinstance(q, str) and isinstance(a, str):
-                    qa.append((q.strip(), a.strip()))
-        summary = obj.get("summary")
-        return qa, summary.strip() if isinstance(summary, str) else None
-    qa, q = [], None
-    summary = None
-    for line in reply.splitlines():
-        m = re.match(r"\s*(?:\d+[.)]\s*)?(Q|Question|A|Answer|Summary)\s*\d*\s*[:.-]\s*(.+)", line, re.I)
-        if not m:
-            continue
-        tag, text = m.group(1).lower(), m.group(2).strip()
-        if tag in ("q", "question"):
-            q = text
-        elif tag in ("a", "answer") and q:
-            qa.append((q, text))
-            q = None
-        elif tag == "summary":
-            summary = text
-    return qa, summary
-
-
-def _first_json_object(text: str):
-    """The first parseable JSON object in ``text`` (replies often wrap it in prose or fences)."""
-    decoder = json.JSONDecoder()
-    for m in re.finditer(r"\{", text):
-        try:
-            obj, _ = decoder.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
-
-
-def check_qa(question: str, answer: str, context: str, limits: Limits) -> str | None:
-    """Why a QA pair is rejected (None = kept): empty, too long, or not grounded in the context."""
-    if not question.strip() or not answer.strip():
-        return "empty question or answer"
-    if len(question.split()) > limits.max_question_words:
-        return "question too long"
-    if len(answer.split()) > limits.max_answer_words:
-        return "answer too long"
-    if not normalize(answer):
-        return "answer has no words"
-    if limits.grounding == "substring":
-        if normalize(answer) not in normalize(context):
-            return "answer not found in the context"
-    else:
-        ctx = set(_words(context))
-        words = _words(answer)
-        if sum(w in ctx for w in words) < limits.min_overlap * len(words):
-            return "answer not grounded in the context"
-    return None
-
-
-def check_summary(summary: str | None, context: str, limits: Limits, *, concise: bool) -> str | None:
-    """Why a summary is rejected (None = kept): missing, too short or long, or a copy of the text."""
-    if not summary or not summary.strip():
-        return "no summary"
-    n, n_ctx = len(summary.split()), len(context.split())
-    if normalize(summary) == normalize(context):
-        return "summary copies the context"
-    ratio = limits.max_concise_ratio if concise else limits.max_summary_ratio
-    if n > ratio * n_ctx:
-        return f"summary too long ({n} words for a {n_ctx}-word context)"
-    if not concise and n < limits.min_summary_words:
-        return "summary too short"
-    return None
-
-
-def clean_concise(reply: str) -> str:
-    """The concise summary without a leading label or quotes."""
-    text = reply.strip()
-    text = re.sub(r"^(ultra[- ]concise\s+)?summary\s*:\s*", "", text, flags=re.I)
-    return text.strip().strip('"').strip()
 
 
 # -- the phases --------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ same way with no head loss; ``static`` always uses one factor (one model per rat
 ``fully_dynamic`` pools with the head's own continuous prediction (the failing baseline).
 
 A run writes ``output_dir/`` with ``train_config.json``, ``metrics.jsonl``, ``loss.png``,
-``checkpoints/step-NNNNNNNN/`` (trainable weights, optimizer, scheduler, RNG states of every
-process, the step, and a loadable ``compressor/``) and ``final/`` (the trained compressor).
-Resuming restores all of it, and since the data order and every random draw are functions of
-the seed and the step, the resumed run continues exactly as the uninterrupted one would.
+``checkpoints/step-NNNNNNNN/`` (everything a resume needs; ``checkpointing`` owns that layout)
+and ``final/`` (the trained compressor). Resuming restores all of it, and since the data order
+and every random draw are functions of the seed and the step, the resumed run continues exactly
+as the uninterrupted one would. The optimizer and schedule come from ``optim``, the process
+group, device and precision from ``runtime``.
 
 Single process on CPU or one GPU works as is; under ``torchrun`` (WORLD_SIZE > 1) each process
 reads its shard of every global batch and gradients are averaged by DDP.
@@ -18,34 +19,27 @@ reads its shard of every global batch and gradients are averaged by DDP.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..compressor import SemiDynamicCompressor
 from .calibration import calibrate_projector
+from .checkpointing import find_resume_checkpoint, restore_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .data import BatchOrder, collate, load_examples, split_by_context
 from .metrics import MetricsLog, plot_metrics
 from .objective import CompressorObjective
+from .optim import lr_lambda, make_optimizer
+from .runtime import barrier, init_distributed, seed_everything, train_device, use_bf16
 
 logger = logging.getLogger(__name__)
-
-_NEW_MODULES = ("projector.", "density_head.", "backbone.")
-# Config keys that may change between a run and its resumption without breaking exactness.
-_RESUME_FREE = {"output_dir", "resume", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress"}
 
 
 @dataclass
@@ -64,20 +58,18 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.rank, self.world, local_rank = _init_distributed()
+        self.rank, self.world, local_rank = init_distributed()
         self.is_main = self.rank == 0
         self.out = Path(config.output_dir)
-        self.device = _device(config, local_rank, self.world)
-        _seed_everything(config.seed)
+        self.device = train_device(config, local_rank, self.world)
+        seed_everything(config.seed)
         self.comp = _build_compressor(config, self.device)
-        self.bf16 = _use_bf16(config.precision, self.device)
+        self.bf16 = use_bf16(config.precision, self.device)
         obj = config.objective
         cfg = self.comp.config
         self.candidates = list(cfg.candidates)
         if obj.mode == "static":
-            f = obj.static_factor
-            if cfg.backbone == "mean_pool" and f % cfg.factors[0]:
-                raise ValueError(f"static_factor {f} is not a multiple of the finest factor {cfg.factors[0]}")
+            self.comp.pooling.check_size(obj.static_factor)
         if obj.distill_weight > 0 and cfg.decoder_training == "full":
             raise ValueError("distillation needs a LoRA or frozen decoder (the teacher is the base decoder)")
         if not obj.uses_head:
@@ -96,8 +88,8 @@ class Trainer:
         self.params = [(n, p) for n, p in self.comp.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: every module is frozen")
-        self.optimizer = _make_optimizer(self.params, config)
-        self._lr_scale = _lr_lambda(config, self.max_steps)
+        self.optimizer = make_optimizer(self.params, config)
+        self._lr_scale = lr_lambda(config, self.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_scale)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.step = 0
@@ -281,7 +273,7 @@ class Trainer:
         if self.is_main:
             self.comp.save_pretrained(final)
             plot_metrics(self.metrics.rows(), self.out / "loss.png")
-        _barrier(self.world)
+        barrier(self.world)
         return TrainResult(self.out, final, self.step, last_train, last_eval)
 
     def _log_eval(self) -> dict | None:
@@ -293,81 +285,27 @@ class Trainer:
                         f" mse {row['mse']:.4f}" if row.get("mse") is not None else "")
         return row
 
-    # -- checkpoints ----------------------------------------------------------------------------
+    # -- checkpoints (the layout lives in checkpointing.py) ----------------------------------------
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` atomically (a crash mid-save leaves the previous one)."""
-        ckpts = self.out / "checkpoints"
-        final = ckpts / f"step-{self.step:08d}"
-        tmp = ckpts / f".step-{self.step:08d}.tmp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier(self.world)
-        _save_rng(tmp / f"rng-rank{self.rank}")
-        _barrier(self.world)
-        if self.is_main:
-            save_file({n: p.detach().contiguous().cpu() for n, p in self.params}, str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
-            state = {"step": self.step, "micro_batches": self.step * self.config.optim.grad_accum,
-                     "max_steps": self.max_steps, "world_size": self.world,
-                     "config": self.config.model_dump(mode="json")}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            self.comp.save_pretrained(tmp / "compressor")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self._prune(ckpts)
-        _barrier(self.world)
-        return final
-
-    def _prune(self, ckpts: Path) -> None:
-        keep = self.config.keep_checkpoints
-        if keep is None:
-            return
-        for old in sorted(ckpts.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        state = {"step": self.step, "micro_batches": self.step * self.config.optim.grad_accum,
+                 "max_steps": self.max_steps, "world_size": self.world,
+                 "config": self.config.model_dump(mode="json")}
+        return write_checkpoint(self.out / "checkpoints", self.step, state, self.comp, self.params,
+                                self.optimizer, self.scheduler, rank=self.rank, world=self.world,
+                                keep=self.config.keep_checkpoints)
 
     def _resume(self) -> None:
-        how = self.config.resume
-        if how == "never":
-            return
-        if how == "auto":
-            found = sorted((self.out / "checkpoints").glob("step-*"))
-            if not found:
-                return
-            path = found[-1]
-        else:
-            path = Path(how)
-            if not (path / "trainer_state.json").is_file():
-                raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer_state.json)")
-        self.load_checkpoint(path)
+        path = find_resume_checkpoint(self.out, self.config.resume)
+        if path is not None:
+            self.load_checkpoint(path)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, RNG and step from a checkpoint folder."""
         path = Path(path)
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state.get("world_size", 1) != self.world:
-            raise ValueError(f"{path} was written by {state['world_size']} process(es); this run has {self.world} "
-                             "(the data shards would differ)")
-        changed = _changed_keys(state.get("config", {}), self.config.model_dump(mode="json"))
-        if changed:
-            logger.warning("resuming %s with a changed config (%s): the run is no longer an exact "
-                           "continuation", path, ", ".join(changed))
-        weights = load_file(str(path / "trainable.safetensors"))
-        names = {n for n, _ in self.params}
-        if set(weights) != names:
-            missing, extra = sorted(names - set(weights)), sorted(set(weights) - names)
-            raise ValueError(f"{path} does not fit this model's trainable weights: "
-                             f"missing {missing[:5]}, unexpected {extra[:5]}")
-        with torch.no_grad():
-            for n, p in self.params:
-                p.copy_(weights[n].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
-        self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-        rng = path / f"rng-rank{self.rank}"
-        _load_rng(rng)
+        state = restore_checkpoint(path, self.config.model_dump(mode="json"), self.params, self.optimizer,
+                                   self.scheduler, rank=self.rank, world=self.world, device=self.device)
         self.step = int(state["step"])
         if self.is_main:
             self.metrics.truncate(self.step)
@@ -401,61 +339,12 @@ def _summarise(s: dict[str, float]) -> dict:
     return row
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        if not prefix and k in _RESUME_FREE:
-            continue
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(prefix + k)
-    return out
-
-
 def _mix(*xs: int) -> int:
     """A 63-bit seed from integers (stable across runs and processes)."""
     h = 1469598103934665603
     for x in xs:
         h = ((h ^ (x & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
     return h
-
-
-def _init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); initializes the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend)
-    return rank, world, local
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _device(config: TrainConfig, local_rank: int, world: int) -> torch.device:
-    from ..device import resolve_device
-
-    dev = resolve_device(config.compressor.device if config.init_from is None else None)
-    if world > 1 and dev.type == "cuda":
-        return torch.device("cuda", local_rank)
-    return dev
-
-
-def _use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "fp32":
-        return False
-    if precision == "bf16" and device.type != "cuda":
-        raise ValueError("precision bf16 needs a CUDA device; on CPU bf16 runs 5-30x slower than fp32, use fp32")
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def _build_compressor(config: TrainConfig, device: torch.device) -> SemiDynamicCompressor:
@@ -472,67 +361,6 @@ def _build_compressor(config: TrainConfig, device: torch.device) -> SemiDynamicC
         user = {"device": config.compressor.device, "dtype": config.compressor.dtype}
     comp.config = comp.config.model_copy(update=user)
     return comp
-
-
-def _make_optimizer(params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with the from-scratch modules in their own group; no decay on vectors (norms, biases)."""
-    o = config.optim
-    groups: dict[tuple[bool, bool], list] = {}
-    for n, p in params:
-        groups.setdefault((n.startswith(_NEW_MODULES), p.dim() >= 2), []).append(p)
-    param_groups = []
-    for (new, decay), ps in sorted(groups.items()):
-        param_groups.append({"params": ps, "lr": (o.new_modules_lr or o.lr) if new else o.lr,
-                             "weight_decay": o.weight_decay if decay else 0.0})
-    return torch.optim.AdamW(param_groups, betas=o.betas)
-
-
-def _lr_lambda(config: TrainConfig, total: int):
-    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` of it at ``total``."""
-    warm, floor = config.optim.warmup_steps, config.optim.min_lr_ratio
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _save_rng(stem: Path) -> None:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = s
-    torch.save(tensors, stem.with_suffix(".pt"))
-    py = random.getstate()
-    npy = np.random.get_state()
-    stem.with_suffix(".json").write_text(json.dumps({
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
-    }))
-
-
-def _load_rng(stem: Path) -> None:
-    if not stem.with_suffix(".pt").is_file():
-        raise FileNotFoundError(f"no RNG state {stem}.pt in the checkpoint")
-    tensors = torch.load(stem.with_suffix(".pt"), weights_only=True)
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    js = json.loads(stem.with_suffix(".json").read_text())
-    py = js["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = js["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
 __all__ = ["Trainer", "TrainResult", "train"]

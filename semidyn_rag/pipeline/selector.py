@@ -9,16 +9,23 @@ the paper's whole point: the decoder only ever sees operations it was trained on
 trained configuration), or between their log2 values (``space="log"``). ``mode="ceil"`` takes
 the smallest candidate at or above the prediction, ``"floor"`` the largest at or below; all
 modes clamp to the ends of the set. Ties go to the smaller value (more fidelity).
+
+``scale`` must be finite (``check_scale``): a NaN or infinite scale is refused rather than
+quietly mapped to some factor. Any finite scale is accepted; predictions are clamped in log2
+space to one step beyond the candidate set before exponentiating, so ``2^(y + 60)`` neither
+overflows nor loses the comparison to float rounding: it simply selects the coarsest factor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from numbers import Real
 from typing import overload
 
 import torch
 
-from .config import CompareSpace, RoundingMode
+from ..config import CompareSpace, RoundingMode
 
 
 class DiscreteRatioSelector:
@@ -49,9 +56,12 @@ class DiscreteRatioSelector:
     def select(self, y_hat: torch.Tensor, scale: float = 0.0) -> torch.Tensor: ...
 
     def select(self, y_hat, scale: float = 0.0):
-        """Return the compression factor for ``y_hat`` (an int, or a LongTensor of factors)."""
-        y = _as_tensor(y_hat) + scale
-        out = _quantize(torch.exp2(y), self.ratios, self.mode, self.space)
+        """Return the compression factor for ``y_hat`` (an int, or a LongTensor of factors).
+
+        Raises ValueError for a non-finite ``scale`` or ``y_hat``.
+        """
+        y = _as_tensor(y_hat) + check_scale(scale)
+        out = _quantize(torch.exp2(_clamp_log2(y, self.ratios)), self.ratios, self.mode, self.space)
         return int(out) if _is_scalar(y_hat) else out
 
     @overload
@@ -67,17 +77,46 @@ class DiscreteRatioSelector:
         """Return the number of latent tokens M for a context of ``n_tokens`` (Eqs. 4 and 5).
 
         The continuous target is m_hat = n_tokens / 2^(y_hat + scale); it is snapped to the
-        nearest of ``lengths`` with this selector's mode and comparison space.
+        nearest of ``lengths`` with this selector's mode and comparison space. Raises
+        ValueError for a non-finite ``scale`` or ``y_hat`` and for non-positive ``n_tokens``.
         """
         if not lengths or any(m < 1 for m in lengths):
             raise ValueError(f"lengths must be positive integers, got {tuple(lengths)}")
-        y = _as_tensor(y_hat) + scale
+        y = _as_tensor(y_hat) + check_scale(scale)
         n = _as_tensor(n_tokens)
         if bool((n <= 0).any()):
             raise ValueError("n_tokens must be positive")
-        m_hat = n / torch.exp2(y)
-        out = _quantize(m_hat, tuple(sorted(set(int(m) for m in lengths))), self.mode, self.space)
+        cands = tuple(sorted(set(int(m) for m in lengths)))
+        m_hat = torch.exp2(_clamp_log2(torch.log2(n) - y, cands))
+        out = _quantize(m_hat, cands, self.mode, self.space)
         return int(out) if _is_scalar(y_hat) and _is_scalar(n_tokens) else out
+
+
+def check_scale(scale) -> float:
+    """``scale`` as a float; raises ValueError when it is not a finite real number.
+
+    Finite values of any size are fine (they clamp to the ends of the candidate set); NaN
+    and infinity have no meaning as a shift of log2 factors, so they are refused.
+    """
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be one number, got a tensor of shape {tuple(scale.shape)}")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number, got {value}: NaN and infinity select no factor")
+    return value
+
+
+def _clamp_log2(y: torch.Tensor, candidates: Sequence[int]) -> torch.Tensor:
+    """``y`` (log2 of a factor or length) limited to one step beyond the candidates' range.
+
+    Every mode and space picks the same end candidate for any value past that step, so the
+    clamp changes no choice; it keeps ``exp2`` finite and the linear distances exact.
+    """
+    return y.clamp(math.log2(min(candidates)) - 1, math.log2(max(candidates)) + 1)
 
 
 def _is_scalar(x) -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .loading import is_encoder_only
+from ..loading import is_encoder_only
 
 logger = logging.getLogger(__name__)
 

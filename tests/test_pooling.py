@@ -2,38 +2,65 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from semidyn_rag.backbones import MeanPooling
-from semidyn_rag.encoder import EncoderOutput
+from semidyn_rag.pipeline.encoder import EncoderOutput
+from semidyn_rag.pipeline.pooling import MeanPooling
 from tests.conftest import TEXTS
 
 
 def _naive_mean(hidden_row, start, n, s):
+    """Start-aligned windows of s rows from ``start``, the last one partial, true means."""
     return torch.stack([hidden_row[start + i : start + min(i + s, n)].mean(0) for i in range(0, n, s)])
 
 
+def _naive_end_aligned(hidden_row, start, n, s):
+    """The authors' static rule: left zero padding to a multiple of s, every window divided by s."""
+    rows = hidden_row[start : start + n]
+    pad = (-n) % s
+    padded = F.pad(rows, (0, 0, pad, 0))
+    return padded.reshape(-1, s, rows.shape[-1]).sum(1) / s
+
+
+def _enc(hidden, start, n):
+    return EncoderOutput(hidden=hidden, text_start=start, n_tokens=n, eos_state=hidden[:, 0], extra_start=None)
+
+
+@pytest.mark.parametrize("end_marker", [False, True])
+@pytest.mark.parametrize("align", ["start", "end"])
 @pytest.mark.parametrize("factor", [2, 4, 8, 16])
-def test_mean_pooling_equals_naive_window_mean(factor):
+def test_derived_windows_equal_the_rule_computed_directly(factor, align, end_marker):
     torch.manual_seed(0)
     n = torch.tensor([5, 17, 1, 12])
     hidden = torch.randn(4, 20, 8)
-    enc = EncoderOutput(hidden=hidden, text_start=1, n_tokens=n, eos_state=hidden[:, 0], extra_start=None)
-    pool = MeanPooling((2, 4, 8, 16))
-    extracted = pool.extract(enc)
+    pool = MeanPooling((2, 4, 8, 16), pool_end_marker=end_marker, pool_align=align)
+    extracted = pool.extract(_enc(hidden, 1, n))
     derived = pool.derive([f for f, _ in extracted], [c for _, c in extracted], [factor] * 4)
+    direct = pool.pool_dynamic(_enc(hidden, 1, n), [factor] * 4)
+    naive = _naive_mean if align == "start" else _naive_end_aligned
     for b in range(4):
-        expected = _naive_mean(hidden[b], 1, int(n[b]), factor)
-        assert derived[b].shape == (math.ceil(int(n[b]) / factor), 8)
+        length = int(n[b]) + end_marker  # the end marker sits right after the text
+        expected = naive(hidden[b], 1, length, factor)
+        assert derived[b].shape == (math.ceil(length / factor), 8) == (pool.n_latents(int(n[b]), factor), 8)
         torch.testing.assert_close(derived[b], expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(direct[b], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_end_aligned_rows_of_tokens():
+    torch.manual_seed(3)
+    table = torch.randn(10, 4)
+    pool = MeanPooling((2, 4), pool_end_marker=True, pool_align="end")
+    got = pool.pool_ids([1, 2, 3, 4, 5], 9, table, 4)  # 6 pooled rows: 2 zeros of padding + 6
+    want = torch.stack([(table[1] + table[2]) / 4, table[[3, 4, 5, 9]].sum(0) / 4])
+    torch.testing.assert_close(got, want)
 
 
 def test_mixed_factors_in_one_call():
     torch.manual_seed(1)
     n = torch.tensor([9, 30])
     hidden = torch.randn(2, 31, 4)
-    enc = EncoderOutput(hidden=hidden, text_start=0, n_tokens=n, eos_state=hidden[:, 0], extra_start=None)
-    pool = MeanPooling((2, 4, 8))
-    ex = pool.extract(enc)
+    pool = MeanPooling((2, 4, 8), pool_end_marker=False)
+    ex = pool.extract(_enc(hidden, 0, n))
     out = pool.derive([f for f, _ in ex], [c for _, c in ex], [8, 2])
     torch.testing.assert_close(out[0], _naive_mean(hidden[0], 0, 9, 8), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out[1], _naive_mean(hidden[1], 0, 30, 2), atol=1e-6, rtol=1e-5)
@@ -41,15 +68,37 @@ def test_mixed_factors_in_one_call():
         pool.derive([ex[0][0]], [ex[0][1]], [3])
 
 
-def test_compressor_pooling_matches_hidden_states(compressor):
+def test_stage_rules_and_config_round_trip(tmp_path):
+    pool = MeanPooling((2, 4, 8), pool_end_marker=True, pool_align="end")
+    assert pool.takes == "factor" and pool.n_latents(7, 4) == 2 and pool.is_coarsest(8)
+    assert pool.fingerprint_dict() == {"pool_end_marker": True, "pool_align": "end"}
+    assert MeanPooling((2, 4), pool_end_marker=False).fingerprint_dict() == {}  # the legacy rule
+    with pytest.raises(ValueError, match="takes factor="):
+        pool.forced(None, 4)
+    with pytest.raises(ValueError, match="multiple of the finest"):
+        pool.check_size(3)
+    pool.save(tmp_path / "pooling")
+    import json
+
+    saved = json.loads((tmp_path / "pooling" / "config.json").read_text())
+    assert saved == {"kind": "mean_pool", "takes": "factor", "candidates": [2, 4, 8],
+                     "pool_end_marker": True, "pool_align": "end"}
+    assert not (tmp_path / "pooling" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="multiples of the smallest"):
+        MeanPooling((2, 3))
+
+
+@pytest.mark.parametrize("end_marker", [True, False])
+def test_compressor_pooling_matches_hidden_states(make_compressor, end_marker):
+    compressor = make_compressor(pool_end_marker=end_marker)
     ids = compressor.encoder.tokenize([TEXTS[1]])
     with torch.no_grad():
         hidden = compressor.encoder(ids).hidden[0]
     n = len(ids[0])
     (cc,) = compressor.compress([TEXTS[1]], factor=4)
-    with torch.no_grad():
-        expected = compressor.projector(_naive_mean(hidden, 0, n, 4))
-    assert cc.n_latents == math.ceil(n / 4) and cc.factor == 4 and cc.n_tokens == n
+    with torch.no_grad():  # the default rule pools the appended end marker too (the authors' eval)
+        expected = compressor.projector(_naive_mean(hidden, 0, n + end_marker, 4))
+    assert cc.n_latents == math.ceil((n + end_marker) / 4) and cc.factor == 4 and cc.n_tokens == n
     torch.testing.assert_close(cc.latents, expected, atol=1e-5, rtol=1e-4)
 
 

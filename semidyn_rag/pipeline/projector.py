@@ -28,20 +28,3 @@ class Projector(nn.Module):
         else:
             h = self.act(self.up_proj(x))
         return self.down_proj(h)
-
-
-class DensityHead(nn.Linear):
-    """Linear regression from the eos hidden state to y_hat = log2(compression factor).
-
-    Starts at a constant prediction of ``init_y`` (the middle of the candidate set), so an
-    untrained compressor picks a middling factor rather than an arbitrary one. Its parameters
-    are ``weight`` and ``bias``, as in the authors' ``compress_ratio_head``.
-    """
-
-    def __init__(self, d_in: int, init_y: float = 3.0):
-        super().__init__(d_in, 1)
-        nn.init.zeros_(self.weight)
-        nn.init.constant_(self.bias, init_y)
-
-    def forward(self, eos_state: torch.Tensor) -> torch.Tensor:
-        return super().forward(eos_state).squeeze(-1)

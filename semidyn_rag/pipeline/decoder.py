@@ -99,7 +99,17 @@ class LatentDecoder(nn.Module):
         **generate_kwargs,
     ) -> list[str]:
         """Answer each rendered prompt reading its contexts' latents; only new text is returned."""
-        ids = self.encode_prompts(prompts)
+        return self.generate_ids(self.encode_prompts(prompts), latents, max_new_tokens, **generate_kwargs)
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        ids: list[list[int]],
+        latents: list[list[torch.Tensor]],
+        max_new_tokens: int = 64,
+        **generate_kwargs,
+    ) -> list[str]:
+        """``generate`` for prompts already tokenized (one placeholder id per latent block)."""
         inp = self.expand(ids, latents)
         kwargs = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id, **generate_kwargs}
         if not kwargs.get("do_sample"):
