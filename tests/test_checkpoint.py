@@ -206,3 +206,13 @@ def test_format_1_checkpoint_loads_with_its_legacy_pooling_rule(make_compressor,
     assert loaded.feature_fingerprint == comp.feature_fingerprint
     new = make_compressor()  # today's default pools the end marker: another rule, other stored features
     assert new.config.pool_end_marker is True and "pool_end_marker" in new.pooling.fingerprint_dict()
+
+
+def test_pooling_stage_folder_must_match_the_config(compressor, tmp_path):
+    compressor.save_pretrained(tmp_path / "ck")
+    saved = json.loads((tmp_path / "ck" / "pooling" / "config.json").read_text())
+    assert saved == compressor.pooling.get_config_dict() and saved["pool_end_marker"] is True
+    saved["pool_align"] = "end"
+    (tmp_path / "ck" / "pooling" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="pool_align"):
+        SemiDynamicCompressor.from_pretrained(str(tmp_path / "ck"))

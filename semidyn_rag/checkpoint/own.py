@@ -88,9 +88,11 @@ def load_own_weights(comp, path: Path) -> None:
     """Put the head, projector and pooling weights saved under ``path`` into ``comp``."""
     load_module(comp.density_head, path / "density_head", "density head")
     load_module(comp.projector, path / "projector", "projector")
-    if comp.pooling.has_weights:
-        folder = path / "pooling" if (path / "pooling" / "model.safetensors").is_file() else path / "backbone"
-        load_module(comp.pooling, folder, "pooling weights (memory embeddings)")
+    folder = path / "pooling" if (path / "pooling").is_dir() else path / "backbone"  # format 1: backbone/
+    try:
+        comp.pooling.load(folder)
+    except (ValueError, RuntimeError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"the pooling stage in {folder} does not load: {e}") from None
 
 
 def save_module(module: nn.Module, folder: Path) -> None:

@@ -158,6 +158,30 @@ class PoolingStage(nn.Module):
             with atomic_path(folder / "model.safetensors") as tmp:
                 save_file(state, str(tmp))
 
+    def load(self, folder: Path) -> None:
+        """Check ``folder``'s saved rule against this stage and load its weights (if it has any).
+
+        Raises ValueError when the folder holds another kind or candidate set, or its weights
+        do not fit (the caller names the checkpoint).
+        """
+        import json
+
+        from safetensors.torch import load_file
+
+        cfg_file = folder / "config.json"
+        if cfg_file.is_file():
+            saved = json.loads(cfg_file.read_text())
+            mine = self.get_config_dict()
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            if diff:
+                raise ValueError(f"{cfg_file} describes another pooling stage ({', '.join(diff)} differ: "
+                                 f"saved {[saved.get(k) for k in diff]}, config {[mine.get(k) for k in diff]})")
+        if self.has_weights:
+            file = folder / "model.safetensors"
+            if not file.is_file():
+                raise ValueError(f"{file} is missing: the {self.kind} stage has weights")
+            self.load_state_dict(load_file(str(file)))
+
     @property
     def has_weights(self) -> bool:
         return any(True for _ in self.parameters())
