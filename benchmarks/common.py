@@ -297,7 +297,7 @@ def source_text(min_chars: int = 200_000) -> str:
         from semidyn_rag.embedded import demo_corpus
 
         parts, total = [], 0
-        for rec in demo_corpus():
+        for rec in demo_corpus(split="reserved"):  # the half never trained on
             parts.append(rec["text"])
             total += len(rec["text"])
             if total >= min_chars:

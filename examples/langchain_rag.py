@@ -94,10 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.docs:
         docs, corpus_dir = Path(args.docs), work / f"corpus-{Path(args.docs).stem}"
-    else:  # the same files as `make demo`, so either one reuses the other's precompressed corpus
-        docs, corpus_dir = work / "wiki-summaries-stride100.jsonl", work / "corpus-stride100"
-        if not docs.is_file():
-            demo["write_demo_docs"](docs, 100)
+    else:  # the same files as `make demo` (the reserved half), so either one reuses the other's corpus
+        docs, corpus_dir = demo["demo_files"](work, 100)
     stats = precompress(docs, corpus_dir, comp, compressor_path=str(ckpt), embedder=str(minilm_path()))
     print(stats.summary(), "\n")
 

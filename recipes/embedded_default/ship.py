@@ -21,8 +21,18 @@ LIMIT_MB = 25
 
 
 def _stage_config(run) -> str:
-    """The recipe file a continued run follows: distill.yaml adds the KL term, continue.yaml does not."""
-    return "distill.yaml" if run.config["objective"].get("distill_weight", 0) > 0 else "continue.yaml"
+    """The recipe file a continued run follows: distill.yaml adds the KL term, continue.yaml does not;
+    the head-to-head configs add hidden-state alignment or cloze data (train files named)."""
+    obj, files = run.config["objective"], _as_list(run.config["data"]["train"])
+    align = obj.get("hidden_align_weight", 0)
+    if align > 0 or any("wiki" in t for t in files):
+        what = ", ".join(Path(t).name for t in files) + (f"; hidden_align_weight {align}" if align > 0 else "")
+        return f"a head-to-head config ({what})"
+    return "distill.yaml" if obj.get("distill_weight", 0) > 0 else "continue.yaml"
+
+
+def _as_list(x) -> list[str]:
+    return [x] if isinstance(x, str) else list(x)
 
 
 def card(run: Path, eval_dir: Path) -> dict:
@@ -33,7 +43,8 @@ def card(run: Path, eval_dir: Path) -> dict:
                for s in results["systems"]}
     return {
         "name": "semidyn-rag embedded default (SmolLM2-135M-Instruct encoder and decoder)",
-        "recipe": "recipes/embedded_default (prepare_data.py, synth proxy --method zlib, train.yaml"
+        "recipe": (runs[0].card["recipe"].removesuffix(")") if runs[0].card else
+                   "recipes/embedded_default (prepare_data.py, synth proxy --method zlib, train.yaml")
                   + "".join(f", then {_stage_config(r)} ({r.folder.name} from {r.config['init_from']})" for r in runs[1:])
                   + ")",
         "training": {"steps": sum(r.steps for r in runs), "samples": sum(r.samples for r in runs),

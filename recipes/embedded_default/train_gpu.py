@@ -10,6 +10,10 @@ everything else (objective, calibration, schedule shape, checkpoints, resume) is
         --model /path/to/SmolLM2-135M-Instruct --out runs/gpu --batch-size 32 --steps 2000
     # anywhere, to check the path in seconds (CPU, 2 steps, batch 2)
     python recipes/embedded_default/train_gpu.py --data data/train_proxy.jsonl --dry-run --out /tmp/gpu-dry
+    # another recipe config (e.g. a head-to-head arm, which continues the shipped default), with overrides
+    python recipes/embedded_default/train_gpu.py --config recipes/embedded_default/h2h_b.yaml \
+        --data data/train_proxy.jsonl --set "data.train=[data/train_proxy.jsonl,data/wiki_recon_proxy.jsonl]" \
+        --set init_from=$PWD/../semidyn_rag/assets/default-compressor --out runs/gpu-b
 
 Rerunning the same command resumes from the newest checkpoint in ``--out``.
 """
@@ -29,8 +33,9 @@ CPU_BATCH = 4  # the batch the recipe's learning rates were set for
 def build_config(args: argparse.Namespace):
     from semidyn_rag.training import load_train_config
 
+    recipe = Path(args.config) if args.config else RECIPE
     scale = math.sqrt(args.batch_size / CPU_BATCH)
-    cfg = load_train_config(RECIPE)
+    cfg = load_train_config(recipe)
     sets = {
         "data.train": args.data, "output_dir": args.out, "optim.batch_size": args.batch_size,
         "optim.max_steps": args.steps, "optim.lr": cfg.optim.lr * scale,
@@ -42,7 +47,7 @@ def build_config(args: argparse.Namespace):
         sets.update({"compressor.encoder": args.model, "compressor.decoder": args.model})
     if args.dry_run:
         sets.update({"eval_every": 1, "save_every": 1, "optim.warmup_steps": 0})
-    return load_train_config(RECIPE, [f"{k}={v}" for k, v in sets.items()])
+    return load_train_config(recipe, [f"{k}={v}" for k, v in sets.items()] + list(args.overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--dry-run", action="store_true", help="2 steps, batch 2, on the CPU")
+    p.add_argument("--config", help="recipe config to scale (default: train.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field after scaling (repeatable; YAML values)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail on a missing local file instead of downloading
     if args.dry_run:

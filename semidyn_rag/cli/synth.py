@@ -5,6 +5,8 @@
 * ``synth summarize``: phase 2 alone, adding teacher summaries to existing records.
 * ``synth proxy``: no teacher; an offline density proxy (LM surprisal or zlib) fills in
   ``pseudo_summary_fraction``. A proxy for the paper's label, not the label itself.
+* ``synth cloze``: no teacher; QA records that blank a name, date or number in one sentence
+  of each chunk and ask for it (deterministic; see ``training.cloze``).
 
 The teacher is ``--teacher-url`` (an OpenAI-compatible server such as ``vllm serve``) or
 ``--teacher-model`` (a local transformers model).
@@ -84,6 +86,17 @@ def register(subparsers) -> None:
     x.add_argument("--overwrite", action="store_true", help="also replace teacher summaries")
     x.set_defaults(func=run)
 
+    c = sub.add_parser("cloze", help="cloze QA records from any text: blank a name, date or number and ask for it")
+    c.add_argument("seeds", nargs="+", help="text files or folders (.txt/.md chunked, .jsonl/.json, .parquet)")
+    c.add_argument("--out", required=True, help="output JSONL of training records")
+    c.add_argument("--text-field", default="context", help="JSON/parquet field holding the text")
+    c.add_argument("--min-words", type=int, default=20, help="shorter chunks are dropped (default 20)")
+    c.add_argument("--max-words", type=int, default=300, help="longer texts are chunked (default 300)")
+    c.add_argument("--limit", type=int, help="use at most this many chunks")
+    c.add_argument("--per-chunk", type=int, default=1, help="questions per chunk, on distinct sentences (default 1)")
+    c.add_argument("--seed", type=int, default=0, help="which sentence and span each chunk gets (default 0)")
+    c.set_defaults(func=run)
+
 
 def _teacher(args):
     from ..training.teachers import OpenAITeacher, TransformersTeacher
@@ -122,6 +135,22 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from ..training import synth
+
+    if args.synth_command == "cloze":
+        from ..training.cloze import cloze_records
+        from ..training.records import write_records
+
+        if args.per_chunk < 1:
+            raise ValueError(f"--per-chunk must be at least 1, got {args.per_chunk}")
+        seeds = synth.load_seeds(args.seeds, text_field=args.text_field, min_words=args.min_words,
+                                 max_words=args.max_words, limit=args.limit)
+        if not seeds:
+            raise ValueError("no chunk left after the length filter (see --min-words/--max-words)")
+        records, empty = cloze_records([(s.source, s.text) for s in seeds], per_chunk=args.per_chunk, seed=args.seed)
+        n = write_records(args.out, records)
+        print(f"{n} cloze records from {len(seeds)} chunks written to {args.out} ({empty} chunks had no "
+              "blankable name, date or number)")
+        return 0
 
     if args.synth_command == "generate":
         phases = [int(p) for p in args.phases.split(",") if p.strip()]

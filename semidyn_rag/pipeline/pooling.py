@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .encoder import EncoderOutput
-from .selector import check_scale
+from .selector import authors_length
 
 # The rule of every mean-pooling checkpoint written before the rule was recorded.
 LEGACY_MEAN_RULE = {"pool_end_marker": False, "pool_align": "start"}
@@ -126,6 +126,15 @@ class PoolingStage(nn.Module):
 
     def pool_ids(self, ids: Sequence[int], end_id: int, table: torch.Tensor, size: int) -> torch.Tensor:
         """This stage's windows applied to rows ``table[id]`` of one context's tokens (window stages only)."""
+        raise TypeError(f"pooling {self.kind} does not pool windows of tokens")
+
+    def window_index(self, n_tokens: int, size: int) -> torch.Tensor:
+        """The latent row each pooled position falls in at ``size`` (window stages only).
+
+        Positions are the context's text tokens ``0 .. n_tokens - 1``, then the end marker when
+        this stage pools it; the result has one entry per position (row ``i`` of the latents is
+        the window of the positions holding ``i``).
+        """
         raise TypeError(f"pooling {self.kind} does not pool windows of tokens")
 
     # -- features ---------------------------------------------------------------------------------
@@ -324,6 +333,12 @@ class MeanPooling(PoolingStage):
     def pools_windows(self) -> bool:
         return True
 
+    def window_index(self, n_tokens: int, size: int) -> torch.Tensor:
+        if int(size) < 1:
+            raise ValueError(f"window size must be positive, got {size}")
+        length = self.pooled_length(n_tokens)
+        return self._windows(torch.tensor([length]), torch.tensor([int(size)]), torch.arange(length)[None])[0]
+
     def pool_ids(self, ids: Sequence[int], end_id: int, table: torch.Tensor, size: int) -> torch.Tensor:
         rows = table[torch.tensor(list(ids) + [end_id] * self.pool_end_marker, device=table.device)]
         length = torch.tensor([rows.shape[0]], device=rows.device)
@@ -394,21 +409,6 @@ class MemoryTokens(PoolingStage):
 
     def derive(self, features: list[torch.Tensor], counts, lengths: list[int]) -> list[torch.Tensor]:
         return [feat[: min(m, self.max_len)] for feat, m in zip(features, lengths)]
-
-
-def authors_length(y_hat, n_tokens, candidates: Sequence[int], scale: float = 0.0):
-    """Latent counts by the authors' int rule: M = candidate nearest floor(L * 2^-(y + scale)), min(M, L).
-
-    ``L = n_tokens + 1`` (their eval appends the end marker and counts it); computed in fp32
-    as their code does; ties go to the smaller candidate (their config lists ascend).
-    """
-    y = torch.as_tensor(y_hat, dtype=torch.float32) + check_scale(scale)
-    length = torch.as_tensor(n_tokens).long() + 1
-    raw = (length.float() * torch.exp2(-y).clamp(1e-9, 1.0)).long()
-    cand = torch.tensor(sorted(candidates), dtype=torch.long)
-    m = cand[(raw.unsqueeze(-1) - cand).abs().argmin(-1)]
-    m = torch.minimum(m, length).clamp(min=1)
-    return int(m) if m.dim() == 0 else m
 
 
 _KINDS: dict[str, type[PoolingStage]] = {c.kind: c for c in (MeanPooling, LastTokens, MemoryTokens)}

@@ -148,3 +148,17 @@ def _quantize(value: torch.Tensor, candidates: tuple[int, ...], mode: str, space
         idx = dist.argmin(-1)  # argmin returns the first minimum: ties go to the smaller one
     return torch.tensor(candidates, dtype=torch.long)[idx]
 
+
+def authors_length(y_hat, n_tokens, candidates: Sequence[int], scale: float = 0.0):
+    """Latent counts by the authors' int rule: M = candidate nearest floor(L * 2^-(y + scale)), min(M, L).
+
+    ``L = n_tokens + 1`` (their eval appends the end marker and counts it); computed in fp32
+    as their code does; ties go to the smaller candidate (their config lists ascend).
+    """
+    y = torch.as_tensor(y_hat, dtype=torch.float32) + check_scale(scale)
+    length = torch.as_tensor(n_tokens).long() + 1
+    raw = (length.float() * torch.exp2(-y).clamp(1e-9, 1.0)).long()
+    cand = torch.tensor(sorted(candidates), dtype=torch.long)
+    m = cand[(raw.unsqueeze(-1) - cand).abs().argmin(-1)]
+    m = torch.minimum(m, length).clamp(min=1)
+    return int(m) if m.dim() == 0 else m

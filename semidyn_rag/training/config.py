@@ -54,11 +54,23 @@ class ObjectiveConfig(BaseModel):
                                        "by 'reproduce the context' with the context as the target.")
     reconstruction_instruction: str = "Repeat the context word for word."
     reconstruction_max_tokens: int = Field(128, ge=1, description="Target tokens of a reconstruction sample.")
+    hidden_align_weight: float = Field(0.0, ge=0.0, description="Weight of the hidden-state alignment to the "
+                                       "decoder reading the plain text (adapters disabled): latent rows to their "
+                                       "window's mean state, question/answer tokens to the same tokens; 0 = off.")
+    hidden_align_layers: list[int] | None = Field(None, description="Decoder layers aligned: 0 = embeddings, "
+                                                  "k = output of layer k, negative = from the end; None = all.")
+    hidden_align_metric: Literal["nmse", "cosine"] = Field(
+        "nmse", description="Per-row distance: |s - t|^2 / |t|^2 (nmse) or 1 - cos(s, t) (cosine).")
 
     @property
     def uses_head(self) -> bool:
         """Whether the density head is trained (its MSE is part of the loss) in this mode."""
         return self.mode in ("semi_dynamic", "fully_dynamic") and self.lambda_mse > 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether batches need the plain-text prompts of the base decoder (distillation or alignment)."""
+        return self.distill_weight > 0 or self.hidden_align_weight > 0
 
 
 class OptimConfig(BaseModel):
@@ -122,9 +134,15 @@ class TrainConfig(BaseModel):
                 build_pooling(comp, d_encoder=1).check_size(obj.static_factor)
             except ValueError as e:
                 raise ValueError(f"static_factor: {e}") from None
-        if obj.distill_weight > 0 and comp.decoder_training == "full" and self.init_from is None:
-            raise ValueError("distillation needs a decoder with LoRA or frozen (the teacher is the base "
-                             "decoder with adapters disabled); decoder_training is 'full'")
+        if obj.needs_teacher and comp.decoder_training == "full" and self.init_from is None:
+            raise ValueError("distillation and hidden-state alignment need a decoder with LoRA or frozen (the "
+                             "teacher is the base decoder with adapters disabled); decoder_training is 'full'")
+        if obj.hidden_align_weight > 0 and self.init_from is None:
+            from ..pipeline.pooling import build_pooling
+
+            if not build_pooling(comp, d_encoder=1).pools_windows:
+                raise ValueError(f"hidden-state alignment needs latents that are windows of tokens; backbone "
+                                 f"{comp.backbone!r} has none")
         return self
 
 

@@ -40,6 +40,8 @@ class Example:
     recon_prompt_ids: list[int] | None = None  # "repeat the context" prompt (one placeholder)
     recon_answer_ids: list[int] | None = None  # the first context, as decoder tokens
     recon_teacher_ids: list[int] | None = None
+    teacher_map: list | None = None  # per context: (teacher position, encoder position) pairs (alignment)
+    recon_teacher_map: list | None = None
 
 
 @dataclass
@@ -61,8 +63,12 @@ class Batch:
 
 def load_examples(paths: list[str], comp, *, max_answer_tokens: int, reconstruction: bool,
                   distill: bool, recon_instruction: str = "", recon_max_tokens: int = 128,
-                  progress: bool = True) -> tuple[list[Example], list[TrainingRecord]]:
-    """Read and tokenize every record of ``paths``; raises RecordError naming file:line."""
+                  progress: bool = True, align: bool = False) -> tuple[list[Example], list[TrainingRecord]]:
+    """Read and tokenize every record of ``paths``; raises RecordError naming file:line.
+
+    ``distill`` or ``align`` add the teacher's plain-text prompts; ``align`` also maps each
+    context's teacher tokens to encoder positions (``align.teacher_alignment``).
+    """
     pairs = [(f"{p}:{ln}", rec) for p in paths for ln, rec in iter_records(p)]
     if not pairs:
         raise RecordError(f"no records in {', '.join(paths)}")
@@ -84,14 +90,28 @@ def load_examples(paths: list[str], comp, *, max_answer_tokens: int, reconstruct
         ex = Example(where, ctx_ids, labels, prompt_ids, answer_ids)
         if distill:
             ex.teacher_prompt_ids = dec.encode_prompts([fill_contexts(prompt, dec.placeholder, rec.contexts)])[0]
+        if align:
+            ex.teacher_prompt_ids, ex.teacher_map = _alignment(dec, enc, prompt, rec.contexts, ctx_ids, where)
         if reconstruction:
             ex.recon_prompt_ids = recon_prompt_ids
             ex.recon_answer_ids = _with_eos(dec.encode_prompts([rec.contexts[0]])[0], eos, recon_max_tokens)
             if distill:
                 text = fill_contexts(recon_prompt, dec.placeholder, rec.contexts[:1])
                 ex.recon_teacher_ids = dec.encode_prompts([text])[0]
+            if align:
+                ex.recon_teacher_ids, ex.recon_teacher_map = _alignment(dec, enc, recon_prompt, rec.contexts[:1],
+                                                                        ctx_ids[:1], where)
         out.append(ex)
     return out, [r for _, r in pairs]
+
+
+def _alignment(dec, enc, prompt: str, contexts: list[str], ctx_ids: list[list[int]], where: str):
+    from .align import teacher_alignment
+
+    try:
+        return teacher_alignment(dec.tokenizer, enc.tokenizer, prompt, dec.placeholder, contexts, ctx_ids)
+    except ValueError as e:
+        raise RecordError(f"{where}: {e}") from None
 
 
 def _with_eos(ids: list[int], eos: int | None, limit: int) -> list[int]:
@@ -171,17 +191,24 @@ def collate(examples: list[Example], sizes: list[int] | None, recon: list[bool] 
             distill: bool = False) -> Batch:
     """Assemble a batch; ``recon[i]`` turns sample i into reconstructing its first context.
 
-    ``sizes`` is one factor per *sample* (all its contexts use it), or None.
+    ``sizes`` is one factor per *sample* (all its contexts use it), or None. ``distill`` adds
+    the teacher's inputs (distillation or alignment), and ``extra["teacher_maps"]`` (one per
+    context) when the examples were loaded with ``align``.
     """
     recon = recon or [False] * len(examples)
     ctx, n_ctx, ys, mask, ids, labs, t_ids, t_labs, per_ctx_sizes = [], [], [], [], [], [], [], [], []
+    maps: list | None = [] if distill else None
     for i, (ex, r) in enumerate(zip(examples, recon)):
         if r:
             contexts, lab = ex.context_ids[:1], ex.labels[:1]
             prompt, answer, teacher = ex.recon_prompt_ids, ex.recon_answer_ids, ex.recon_teacher_ids
+            t_map = ex.recon_teacher_map
         else:
             contexts, lab = ex.context_ids, ex.labels
             prompt, answer, teacher = ex.prompt_ids, ex.answer_ids, ex.teacher_prompt_ids
+            t_map = ex.teacher_map
+        if maps is not None:
+            maps = None if t_map is None else maps + t_map
         ctx.extend(contexts)
         n_ctx.append(len(contexts))
         ys.extend(0.0 if y is None else y for y in lab)
@@ -198,4 +225,4 @@ def collate(examples: list[Example], sizes: list[int] | None, recon: list[bool] 
     return Batch(ctx, n_ctx, torch.tensor(ys), torch.tensor(mask), ids, labs,
                  sizes=per_ctx_sizes if sizes is not None else None,
                  teacher_ids=t_ids if distill else None, teacher_labels=t_labs if distill else None,
-                 n_reconstruction=sum(recon))
+                 n_reconstruction=sum(recon), extra={"teacher_maps": maps} if maps is not None else {})

@@ -10,6 +10,11 @@ The optional distillation term is a token-level KL from the same decoder reading
 uncompressed context with its adapters disabled (the base model as teacher) to the student
 reading the latents, on the same answer tokens. It gives a dense signal per sample.
 
+The optional hidden-state alignment (``hidden_align_weight``, see ``align``) pulls the
+student's states at the chosen layers toward that same teacher's: at each latent row toward
+the mean over its window's context tokens, at the question and answer tokens toward the same
+tokens. Both terms share one teacher pass.
+
 ``CompressorObjective`` is an ``nn.Module`` so that DDP can wrap it (DDP hooks need the
 whole computation inside one ``forward``).
 """
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..pipeline.placeholder import IGNORE_INDEX
+from .align import alignment_sums, resolve_layers, shared_suffix
 from .config import ObjectiveConfig
 from .data import Batch
 from .dynamic import dynamic_encode
@@ -35,9 +41,17 @@ class CompressorObjective(nn.Module):
         super().__init__()
         self.comp = comp
         self.objective = objective
+        self.align_layers: list[int] = []
+        if objective.hidden_align_weight > 0:
+            if not comp.pooling.pools_windows:
+                raise ValueError(f"hidden-state alignment needs latents that are windows of tokens; pooling "
+                                 f"{comp.pooling.kind} has none")
+            cfg = comp.decoder.model.config
+            cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+            self.align_layers = resolve_layers(objective.hidden_align_layers, int(cfg.num_hidden_layers))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Losses and counts: ``loss`` (to backprop), ``lm``, ``mse``, ``kl``, sums for averaging."""
+        """Losses and counts: ``loss`` (to backprop), ``lm``, ``mse``, ``kl``, ``align``, sums for averaging."""
         comp, obj = self.comp, self.objective
         device = comp.device
         y_hat, pooled, sizes = self._compress(batch)
@@ -47,8 +61,8 @@ class CompressorObjective(nn.Module):
             per_sample.append(latents[k : k + n])
             k += n
         inp = comp.decoder.expand(batch.input_ids, per_sample, labels=batch.labels, padding_side="right")
-        logits, targets = _answer_logits(comp.decoder.model, inp.labels, inputs_embeds=inp.inputs_embeds,
-                                         attention_mask=inp.attention_mask)
+        logits, targets, hidden = _forward(comp.decoder.model, inp.labels, hidden=bool(self.align_layers),
+                                           inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask)
         mask = targets != IGNORE_INDEX
         n_tok = mask.sum()
         lm_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
@@ -67,11 +81,19 @@ class CompressorObjective(nn.Module):
                "n_latents": torch.tensor(float(sum(p.shape[0] for p in pooled))),
                "n_ctx_tokens": torch.tensor(float(sum(len(c) for c in batch.context_ids))),
                "size_sum": torch.tensor(float(sum(sizes)))}
+        if obj.distill_weight > 0 or self.align_layers:
+            t_logits, t_targets, t_hidden, t_lengths = self._teacher(batch, obj.distill_weight > 0)
         if obj.distill_weight > 0:
-            kl_sum = self._distill_kl(batch, logits, mask)
+            kl_sum = self._distill_kl(logits, mask, t_logits, t_targets)
             kl = kl_sum / n_tok.clamp(min=1)
             loss = loss + obj.distill_weight * kl
             out.update(kl_sum=kl_sum.detach(), kl=kl.detach())
+        if self.align_layers:
+            sums = self._align(batch, hidden, inp, t_hidden, t_lengths, pooled, sizes)
+            align = sums.loss_sum / max(1, sums.n_rows)
+            loss = loss + obj.hidden_align_weight * align
+            out.update(align_sum=sums.loss_sum.detach(), n_align=torch.tensor(float(sums.n_rows)),
+                       align=align.detach())
         out["loss"] = loss
         return out
 
@@ -88,11 +110,14 @@ class CompressorObjective(nn.Module):
         pooled = comp.pooling.derive([f for f, _ in feats], [c for _, c in feats], list(sizes))
         return y_hat, pooled, list(sizes)
 
-    def _distill_kl(self, batch: Batch, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Summed KL(teacher || student) over answer tokens; the teacher reads the plain text."""
+    def _teacher(self, batch: Batch, logits: bool):
+        """One no-grad pass of the base decoder (adapters off) over the plain-text prompts.
+
+        Returns (answer logits and targets when ``logits``, the alignment layers' states, row lengths).
+        """
         model = self.comp.decoder.model
         if batch.teacher_ids is None:
-            raise ValueError("distillation is on but the batch has no teacher inputs")
+            raise ValueError("distillation or alignment is on but the batch has no teacher inputs")
         device = self.comp.device
         width = max(len(r) for r in batch.teacher_ids)
         pad = self.comp.decoder.tokenizer.pad_token_id
@@ -105,7 +130,27 @@ class CompressorObjective(nn.Module):
             attn[i, : len(r)] = 1
         off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         with torch.no_grad(), off:
-            t_logits, t_targets = _answer_logits(model, labels, input_ids=ids, attention_mask=attn)
+            t_logits, t_targets, t_hidden = _forward(model, labels if logits else None,
+                                                     hidden=bool(self.align_layers), input_ids=ids, attention_mask=attn)
+        return t_logits, t_targets, t_hidden, attn.sum(1)
+
+    def _align(self, batch: Batch, hidden, inp, t_hidden, t_lengths, pooled, sizes):
+        """Alignment sums of the batch (see ``align.alignment_sums``)."""
+        maps = batch.extra.get("teacher_maps")
+        if maps is None:
+            raise ValueError("alignment is on but the batch has no teacher-to-encoder maps")
+        pooling, ph = self.comp.pooling, self.comp.decoder.placeholder_id
+        windows = [pooling.window_index(len(c), s) for c, s in zip(batch.context_ids, sizes)]
+        suffix = [shared_suffix(s, t, ph) for s, t in zip(batch.input_ids, batch.teacher_ids)]
+        return alignment_sums([hidden[k] for k in self.align_layers], [t_hidden[k] for k in self.align_layers],
+                              latent_mask=inp.latent_mask, student_lengths=inp.attention_mask.sum(1),
+                              teacher_lengths=t_lengths, n_latents=[p.shape[0] for p in pooled],
+                              n_contexts=batch.n_contexts, windows=windows, maps=maps, suffix=suffix,
+                              metric=self.objective.hidden_align_metric)
+
+    def _distill_kl(self, student_logits: torch.Tensor, mask: torch.Tensor, t_logits: torch.Tensor,
+                    t_targets: torch.Tensor) -> torch.Tensor:
+        """Summed KL(teacher || student) over answer tokens; the teacher reads the plain text."""
         t_mask = t_targets != IGNORE_INDEX
         s, t = student_logits[mask].float(), t_logits[t_mask].float()
         if s.shape != t.shape:
@@ -121,9 +166,21 @@ def _answer_logits(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor,
     Only the tail of the sequence from the first labelled position on is projected to the
     vocabulary (``logits_to_keep``): the prompt and latents need no logits.
     """
+    logits, targets, _ = _forward(model, labels, **inputs)
+    return logits, targets
+
+
+def _forward(model, labels: torch.Tensor | None, hidden: bool = False, **inputs):
+    """``_answer_logits`` plus every layer's hidden states (embeddings first) when ``hidden``, else None.
+
+    Without ``labels`` one position is projected to the vocabulary and logits and targets are None.
+    """
+    if labels is None:
+        out = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=hidden)
+        return None, None, out.hidden_states if hidden else None
     width = labels.shape[1]
     labelled = (labels != IGNORE_INDEX).any(0).nonzero()
     first = int(labelled[0]) if len(labelled) else width - 1
     keep = min(width, width - first + 1)  # positions first-1 .. width-1
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    return logits[:, :-1], labels[:, width - keep + 1 :]
+    out = model(**inputs, use_cache=False, logits_to_keep=keep, output_hidden_states=hidden)
+    return out.logits[:, :-1], labels[:, width - keep + 1 :], out.hidden_states if hidden else None

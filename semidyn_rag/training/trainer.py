@@ -70,8 +70,9 @@ class Trainer:
         self.candidates = list(cfg.candidates)
         if obj.mode == "static":
             self.comp.pooling.check_size(obj.static_factor)
-        if obj.distill_weight > 0 and cfg.decoder_training == "full":
-            raise ValueError("distillation needs a LoRA or frozen decoder (the teacher is the base decoder)")
+        if obj.needs_teacher and cfg.decoder_training == "full":
+            raise ValueError("distillation and alignment need a LoRA or frozen decoder (the teacher is the "
+                             "base decoder)")
         if not obj.uses_head:
             self.comp.density_head.requires_grad_(False)
         if config.gradient_checkpointing:
@@ -105,7 +106,8 @@ class Trainer:
         cfg, obj = self.config, self.config.objective
         d = cfg.data
         kw = dict(max_answer_tokens=d.max_answer_tokens, reconstruction=obj.reconstruction_prob > 0,
-                  distill=obj.distill_weight > 0, recon_instruction=obj.reconstruction_instruction,
+                  distill=obj.distill_weight > 0, align=obj.hidden_align_weight > 0,
+                  recon_instruction=obj.reconstruction_instruction,
                   recon_max_tokens=obj.reconstruction_max_tokens, progress=cfg.progress and self.is_main)
         train_paths = [d.train] if isinstance(d.train, str) else list(d.train)
         examples, records = load_examples(train_paths, self.comp, **kw)
@@ -173,14 +175,15 @@ class Trainer:
             epoch, idx = self.order.batch(mb)
             examples = [self.train_examples[i] for i in idx]
             sizes, recon = self._draws(mb, len(examples))
-            batch = collate(examples, sizes, recon, distill=self.config.objective.distill_weight > 0)
+            batch = collate(examples, sizes, recon, distill=self.config.objective.needs_teacher)
             sync = (self.model.no_sync() if self.world > 1 and micro < o.grad_accum - 1
                     else contextlib.nullcontext())
             with sync, self._autocast():
                 out = self.model(batch)
                 (out["loss"] / o.grad_accum).backward()
             loss_total += float(out["loss"].detach()) / o.grad_accum
-            for k in ("lm_sum", "n_tok", "mse_sum", "n_lab", "kl_sum", "n_latents", "n_ctx_tokens", "size_sum"):
+            for k in ("lm_sum", "n_tok", "mse_sum", "n_lab", "kl_sum", "align_sum", "n_align", "n_latents",
+                      "n_ctx_tokens", "size_sum"):
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + float(out[k])
             sums["n_ctx"] = sums.get("n_ctx", 0.0) + len(batch.context_ids)
@@ -220,10 +223,11 @@ class Trainer:
                 sizes = [self.candidates[b % len(self.candidates)]] * len(examples)
             else:
                 sizes = None  # the head chooses (semi_dynamic), or sets the size (fully_dynamic)
-            batch = collate(examples, sizes, distill=obj.distill_weight > 0)
+            batch = collate(examples, sizes, distill=obj.needs_teacher)
             with self._autocast():
                 out = self.objective(batch)
-            for k in ("lm_sum", "n_tok", "mse_sum", "n_lab", "kl_sum", "n_latents", "n_ctx_tokens", "size_sum"):
+            for k in ("lm_sum", "n_tok", "mse_sum", "n_lab", "kl_sum", "align_sum", "n_align", "n_latents",
+                      "n_ctx_tokens", "size_sum"):
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + float(out[k])
             sums["n_ctx"] = sums.get("n_ctx", 0.0) + len(batch.context_ids)
@@ -231,7 +235,8 @@ class Trainer:
         sums = self._all_reduce(sums)
         row = {"split": "eval", "step": self.step, **_summarise(sums)}
         row["loss"] = row["lm"] + (obj.lambda_mse * row["mse"] if obj.uses_head and row.get("mse") is not None
-                                   else 0.0) + (obj.distill_weight * row["kl"] if "kl" in row else 0.0)
+                                   else 0.0) + (obj.distill_weight * row["kl"] if "kl" in row else 0.0) + (
+            obj.hidden_align_weight * row["align"] if "align" in row else 0.0)
         return row
 
     def _all_reduce(self, sums: dict[str, float]) -> dict[str, float]:
@@ -334,6 +339,9 @@ def _summarise(s: dict[str, float]) -> dict:
            "mean_size": s.get("size_sum", 0.0) / max(s.get("n_ctx", 0.0), 1.0)}
     if "kl_sum" in s:
         row["kl"] = s["kl_sum"] / max(s.get("n_tok", 0.0), 1.0)
+    if "align_sum" in s:
+        row["align"] = s["align_sum"] / max(s.get("n_align", 0.0), 1.0)
+        row["align_rows"] = int(s.get("n_align", 0))
     if "n_recon" in s:
         row["reconstruction"] = int(s["n_recon"])
     return row

@@ -1,0 +1,174 @@
+"""Objectives head to head at equal CPU time: the training and reporting half of ``head_to_head.sh``.
+
+``train``: one arm. Its number of optimizer steps is fixed once, before it starts, so that its
+training steps use ``--cpu-seconds`` of CPU time: a probe times ``--probe-steps`` steps of this
+very objective (process CPU time, all threads, the first step dropped as warm-up) on the same
+starting checkpoint, and ``max_steps = budget / mean step``. The probe also records the
+starting checkpoint's held-out losses (``start_eval.json``: the same ``data.eval`` every arm
+reports). Both land in ``OUT/budget.json``; a rerun reads it and resumes the run from its
+newest checkpoint (the trainer's ``resume: auto``), so the arm keeps its schedule. Every
+training row of ``metrics.jsonl`` gets ``cpu_sec``, the step's measured CPU time, so the CPU
+actually spent is summed from the log, resumes included.
+
+``report``: one table of the arms (CPU spent, steps, held-out LM loss at start and end,
+held-out accuracy at 4x) as ``h2h_summary.json`` and ``.md`` next to each other.
+
+CPU time, not wall time, is the budget because this 2-core machine is shared: other people's
+work stretches wall time but not the CPU time a step needs (``--cpu-seconds 5400`` is 45
+minutes of both cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from semidyn_rag.training.config import load_train_config
+from semidyn_rag.training.metrics import MetricsLog
+from semidyn_rag.training.trainer import Trainer
+
+logger = logging.getLogger("head_to_head")
+
+
+class TimedTrainer(Trainer):
+    """The trainer, with each step's process CPU time in its metrics row (``cpu_sec``)."""
+
+    def train_step(self) -> dict:
+        c0 = time.process_time()
+        row = super().train_step()
+        row["cpu_sec"] = time.process_time() - c0
+        return row
+
+
+def probe(config, steps: int) -> tuple[float, dict | None]:
+    """(mean CPU seconds per step after the first, held-out losses of the starting checkpoint)."""
+    if steps < 2:
+        raise ValueError(f"--probe-steps must be at least 2 (the first is a warm-up), got {steps}")
+    cfg = config.model_copy(update={"resume": "never", "output_dir": str(Path(config.output_dir) / "probe")})
+    trainer = TimedTrainer(cfg)
+    start = trainer.evaluate()
+    times = [trainer.train_step()["cpu_sec"] for _ in range(steps)]
+    del trainer
+    gc.collect()
+    return statistics.mean(times[1:]), start
+
+
+def train_arm(config_path: str, overrides: list[str], cpu_seconds: float, probe_steps: int) -> Path:
+    """Probe (once), then train the arm to its step budget; returns the run folder."""
+    config = load_train_config(config_path, overrides)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    budget_file = out / "budget.json"
+    if budget_file.is_file():
+        budget = json.loads(budget_file.read_text())
+        if budget["cpu_seconds"] != cpu_seconds:
+            raise SystemExit(f"{budget_file} was made for {budget['cpu_seconds']} CPU seconds, not {cpu_seconds}: "
+                             "use another output folder for another budget")
+    else:
+        per_step, start = probe(config, probe_steps)
+        budget = {"cpu_seconds": cpu_seconds, "probe_steps": probe_steps, "cpu_per_step": per_step,
+                  "max_steps": max(1, int(cpu_seconds // per_step)), "start_eval": start}
+        budget_file.write_text(json.dumps(budget, indent=1))
+        logger.info("%s: %.1f CPU s per step -> %d steps", out, per_step, budget["max_steps"])
+    final = load_train_config(config_path, [*overrides, f"optim.max_steps={budget['max_steps']}"])
+    TimedTrainer(final).train()
+    return out
+
+
+def eval_figures(eval_dir: Path | None) -> dict:
+    """Per system of a ``semidyn-rag eval`` folder: accuracy, its 95% interval, F1, ratio (empty if not done)."""
+    if eval_dir is None or not (eval_dir / "results.json").is_file():
+        return {}
+    res = json.loads((eval_dir / "results.json").read_text())
+    out: dict = {"questions": res["meta"]["n_questions"]}
+    for s in res["systems"]:
+        out[s["system"]] = {"accuracy": s["accuracy"], "ci95": s.get("accuracy_ci95"), "f1": s["f1"],
+                            "ratio": s.get("mean_ratio")}
+    return out
+
+
+def summary_row(name: str, run: Path, eval_dir: Path | None) -> dict:
+    """One arm's figures from its folder (budget, metrics) and its eval folder, if done."""
+    budget = json.loads((run / "budget.json").read_text())
+    rows = MetricsLog(run / "metrics.jsonl").rows() if (run / "metrics.jsonl").is_file() else []
+    train = [r for r in rows if r["split"] == "train"]
+    evals = [r for r in rows if r["split"] == "eval"]
+    row = {"arm": name, "run": str(run), "steps": train[-1]["step"] if train else 0, "max_steps": budget["max_steps"],
+           "cpu_per_step": budget["cpu_per_step"], "cpu_seconds_budget": budget["cpu_seconds"],
+           "cpu_seconds_spent": round(sum(r.get("cpu_sec") or 0 for r in train), 1),
+           "wall_seconds": round(sum(r.get("sec") or 0 for r in train), 1),
+           "heldout_lm_start": (budget.get("start_eval") or {}).get("lm"),
+           "heldout_lm_end": evals[-1]["lm"] if evals else None, "done": (run / "final" / "config.json").is_file()}
+    if evals and "align" in evals[-1]:
+        row["heldout_align_end"] = evals[-1]["align"]
+    return {**row, **eval_figures(eval_dir)}
+
+
+def report(arms: list[str], out: Path, start_eval: Path | None = None) -> list[dict]:
+    """Write ``h2h_summary.json`` and ``.md`` for ``NAME=RUN[:EVAL]`` arms; returns the rows.
+
+    ``start_eval``: the eval folder of the starting checkpoint, reported as the first row.
+    """
+    rows = []
+    for item in arms:
+        name, spec = item.split("=", 1)
+        run, _, ev = spec.partition(":")
+        if (Path(run) / "budget.json").is_file():
+            rows.append(summary_row(name, Path(run), Path(ev) if ev else None))
+    if start_eval is not None:
+        lm = next((r["heldout_lm_start"] for r in rows if r["heldout_lm_start"] is not None), None)
+        rows.insert(0, {"arm": "start", "run": None, "steps": 0, "max_steps": 0, "cpu_per_step": None,
+                        "cpu_seconds_budget": 0, "cpu_seconds_spent": 0, "wall_seconds": 0,
+                        "heldout_lm_start": lm, "heldout_lm_end": lm, "done": True, **eval_figures(start_eval)})
+    systems = sorted({k for r in rows for k, v in r.items() if isinstance(v, dict)})
+    lines = ["| arm | steps | CPU s (budget) | held-out LM start -> end | "
+             + " | ".join(f"{s} acc (95% CI)" for s in systems) + " |",
+             "|---|---|---|---|" + "---|" * len(systems)]
+    for r in rows:
+        lm = (f"{r['heldout_lm_start']:.3f} -> {r['heldout_lm_end']:.3f}"
+              if r["heldout_lm_start"] is not None and r["heldout_lm_end"] is not None else "-")
+        cells = []
+        for s in systems:
+            v = r.get(s)
+            cells.append("-" if v is None else f"{v['accuracy']:.1%}" + (
+                f" ({v['ci95'][0]:.1%}-{v['ci95'][1]:.1%})" if v.get("ci95") else "")
+                + (f" at {v['ratio']:.2f}x" if v.get("ratio") else ""))
+        lines.append(f"| {r['arm']} | {r['steps']}/{r['max_steps']} | {r['cpu_seconds_spent']:.0f} "
+                     f"({r['cpu_seconds_budget']:.0f}) | {lm} | " + " | ".join(cells) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "h2h_summary.json").write_text(json.dumps(rows, indent=1))
+    (out / "h2h_summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="probe once, then train one arm to its CPU budget (rerun to resume)")
+    t.add_argument("--config", required=True)
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--cpu-seconds", type=float, required=True, help="CPU time of the arm's training steps")
+    t.add_argument("--probe-steps", type=int, default=10, help="steps timed before the budget is fixed")
+    r = sub.add_parser("report", help="summary table of finished (or running) arms")
+    r.add_argument("--arm", action="append", required=True, metavar="NAME=RUN[:EVALDIR]")
+    r.add_argument("--start", type=Path, help="eval folder of the starting checkpoint (first row)")
+    r.add_argument("--out", required=True, type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "train":
+        if args.cpu_seconds <= 0:
+            p.error("--cpu-seconds must be positive")
+        train_arm(args.config, args.overrides, args.cpu_seconds, args.probe_steps)
+    else:
+        report(args.arm, args.out, args.start)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

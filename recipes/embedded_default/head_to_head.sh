@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Objectives head to head at equal CPU time, from the shipped default (issue 20):
+#   (a) the current objective on the new data mix, (b) + hidden-state alignment, (c) + cloze
+#   questions (optional (d) = b + c); each trained for CPU_SECONDS of CPU time, then evaluated
+#   on LIMIT held-out questions at 4x (fixed factor 4 and semi-dynamic scale 0); the starting
+#   checkpoint is evaluated the same way, with the uncompressed and no-context baselines.
+#
+#   recipes/embedded_default/head_to_head.sh [RUNS_DIR]     # starts in the background, returns
+#   recipes/embedded_default/head_to_head.sh --foreground [RUNS_DIR]
+#
+# Resumable: every step skips what is done (data, finished runs, finished evals) and a killed
+# training resumes from its newest checkpoint (every 25 steps), so rerunning the same command
+# continues. One instance at a time (a lock in RUNS_DIR). Progress: RUNS_DIR/head_to_head.log;
+# figures: RUNS_DIR/h2h_summary.md (.json) and RUNS_DIR/h2h_curve.png (.json).
+#
+# Environment: CPU_SECONDS (default 5400 = 45 minutes of both cores), ARMS (default "a b c"),
+# LIMIT (held-out questions, default 200), PROBE_STEPS (default 10), ADQA (the AdversarialQA
+# parquet), SMOKE=1 (a few steps per arm, 4 questions, its own folder: proves the script runs).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+FOREGROUND=0
+if [[ "${1:-}" == "--foreground" ]]; then FOREGROUND=1; shift; fi
+SMOKE="${SMOKE:-0}"
+if [[ "$SMOKE" == 1 ]]; then DEFAULT_RUNS=/work/runs/20/smoke; else DEFAULT_RUNS=/work/runs/20; fi
+RUNS="$(mkdir -p "${1:-$DEFAULT_RUNS}" && cd "${1:-$DEFAULT_RUNS}" && pwd)"
+
+if [[ "$FOREGROUND" == 0 ]]; then
+  nohup "${BASH_SOURCE[0]}" --foreground "$RUNS" >> "$RUNS/head_to_head.log" 2>&1 &
+  echo "head to head started in the background (pid $!); log: $RUNS/head_to_head.log"
+  exit 0
+fi
+
+exec 9> "$RUNS/.head_to_head.lock"
+flock -n 9 || { echo "another head_to_head.sh is running in $RUNS"; exit 1; }
+
+PY="$REPO/.venv/bin/python"
+CLI=("$PY" -m semidyn_rag.cli)
+ADQA="${ADQA:-$REPO/../shared/data/adversarialqa_validation.parquet}"
+START="$REPO/semidyn_rag/assets/default-compressor"
+ARMS="${ARMS:-a b c}"
+CPU_SECONDS="${CPU_SECONDS:-5400}"
+LIMIT="${LIMIT:-200}"
+PROBE_STEPS="${PROBE_STEPS:-10}"
+EXTRA=()
+if [[ "$SMOKE" == 1 ]]; then
+  CPU_SECONDS=20; LIMIT=4; PROBE_STEPS=2
+  EXTRA=(--set eval_every=2 --set save_every=1 --set data.eval_max_records=4)
+fi
+# Passive OpenMP waiting: on a shared machine spinning threads burn CPU time without work, which
+# made the same step cost 8 to 27 CPU seconds; passive, it costs 7-8 whatever else runs.
+export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+cd "$RUNS"
+echo "== $(date -Is) head to head in $RUNS: arms $ARMS, $CPU_SECONDS CPU s each, $LIMIT questions"
+
+# 1. data: the recipe's files plus the wiki (trainable half) reconstruction and cloze records,
+#    all labelled with the same zlib reference as train_proxy.jsonl
+if [[ ! -f data/.done ]]; then
+  "$PY" "$HERE/prepare_data.py" --adversarialqa "$ADQA" --out data
+  "${CLI[@]}" synth cloze data/wiki_trainable.jsonl --text-field text --min-words 1 --max-words 1000 \
+    --out data/wiki_cloze.jsonl
+  REF="$("$PY" -c "import json; print(json.load(open('data/split.json'))['zlib_reference'])")"
+  for f in train wiki_recon wiki_cloze; do
+    "${CLI[@]}" synth proxy "data/$f.jsonl" --out "data/${f}_proxy.jsonl" --method zlib --y-mid 2.5 --gain 4 \
+      --reference "$REF"
+  done
+  # the wiki texts that got no cloze question stay reconstruction records in the cloze arms
+  "$PY" - <<'EOF'
+import json
+cloze = {json.loads(x)["context"] for x in open("data/wiki_cloze_proxy.jsonl")}
+rest = [x for x in open("data/wiki_recon_proxy.jsonl") if json.loads(x)["context"] not in cloze]
+open("data/wiki_recon_rest_proxy.jsonl", "w").writelines(rest)
+print(f"{len(rest)} wiki texts without a cloze question kept as reconstruction records")
+EOF
+  touch data/.done
+fi
+
+EVAL=(--dataset data/heldout.jsonl --setting gold --limit "$LIMIT" --factors 4 --scales 0 --max-new-tokens 16
+      --question-suffix " Answer briefly." --decode-batch-size 8 --llmlingua off --no-progress)
+
+# 2. the starting checkpoint on the same questions, with the text baselines (and the truncation
+#    peer at 4x when this version of the eval harness has it)
+START_SYSTEMS=uncompressed,no_context,fixed,semi_dynamic
+if "$PY" -c "import sys; from semidyn_rag.evaluation.systems import FAMILIES; sys.exit('truncate' not in FAMILIES)"; then
+  START_SYSTEMS="$START_SYSTEMS,truncate"
+fi
+[[ -f eval-h2h-start/results.json ]] || "${CLI[@]}" eval --compressor "$START" --out eval-h2h-start \
+  --systems "$START_SYSTEMS" "${EVAL[@]}"
+
+# 3. the arms, one after another: train to the CPU budget (probe once, then resumable), evaluate
+REPORT=()
+CURVE=()
+for arm in $ARMS; do
+  cfg="$HERE/h2h_$arm.yaml"
+  [[ -f "$cfg" ]] || { echo "no config $cfg"; exit 2; }
+  if [[ ! -f "h2h-$arm/final/config.json" ]]; then
+    echo "== $(date -Is) training arm $arm"
+    "$PY" "$HERE/head_to_head.py" train --config "$cfg" --set "init_from=$START" --set "output_dir=h2h-$arm" \
+      --set progress=false --cpu-seconds "$CPU_SECONDS" --probe-steps "$PROBE_STEPS" "${EXTRA[@]}"
+  fi
+  [[ -f "eval-h2h-$arm/results.json" ]] || "${CLI[@]}" eval --compressor "h2h-$arm/final" --out "eval-h2h-$arm" \
+    --systems fixed,semi_dynamic "${EVAL[@]}"
+  REPORT+=(--arm "$arm=h2h-$arm:eval-h2h-$arm")
+  steps="$("$PY" -c "import json; print(json.load(open('h2h-$arm/budget.json'))['max_steps'])")"
+  CURVE+=(--run "$arm=h2h-$arm" --accuracy "$arm@$steps=eval-h2h-$arm")
+done
+
+# 4. the table and the learning curves
+"$PY" "$HERE/head_to_head.py" report --start eval-h2h-start "${REPORT[@]}" --out .
+"$PY" "$HERE/learning_curve.py" "${CURVE[@]}" --out h2h_curve.png
+echo "== $(date -Is) head to head done: $RUNS/h2h_summary.md"

@@ -1,0 +1,106 @@
+"""The head-to-head driver of the embedded-default recipe (CPU budget, resume, report) and run lineage."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semidyn_rag.training import write_records
+
+from .test_training_trainer import make_records
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "embedded_default"
+
+
+@pytest.fixture(scope="module")
+def h2h():
+    return runpy.run_path(str(RECIPE / "head_to_head.py"))
+
+
+@pytest.fixture(scope="module")
+def lineage_mod():
+    sys.path.insert(0, str(RECIPE))
+    try:
+        return runpy.run_path(str(RECIPE / "lineage.py"))
+    finally:
+        sys.path.remove(str(RECIPE))
+
+
+def write_config(tmp_path, tiny_dirs, **objective) -> Path:
+    enc, dec = tiny_dirs
+    write_records(tmp_path / "train.jsonl", make_records())
+    write_records(tmp_path / "eval.jsonl", make_records(4, seed=1))
+    cfg = {"compressor": {"encoder": str(enc), "decoder": str(dec), "projector_hidden_size": 64, "device": "cpu",
+                          "encoder_lora": {"r": 4, "alpha": 8}, "decoder_lora": {"r": 4, "alpha": 8}},
+           "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl")},
+           "objective": objective, "optim": {"lr": 3e-3, "batch_size": 4, "max_steps": 1000},
+           "output_dir": str(tmp_path / "arm"), "save_every": 2, "eval_every": 3, "progress": False}
+    path = tmp_path / "arm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_an_arm_trains_to_its_cpu_budget_resumes_and_reports(h2h, tiny_dirs, tmp_path):
+    path = write_config(tmp_path, tiny_dirs, hidden_align_weight=1.0)
+    out = h2h["train_arm"](str(path), [], cpu_seconds=0.4, probe_steps=3)
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["max_steps"] == max(1, int(0.4 // budget["cpu_per_step"]))
+    assert budget["start_eval"]["lm"] > 0 and budget["start_eval"]["align"] > 0  # the start, on data.eval
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert len(train) == budget["max_steps"] and all(r["cpu_sec"] > 0 for r in train)
+    assert (out / "final" / "config.json").is_file() and not (out / "probe" / "metrics.jsonl").exists()
+    # a rerun keeps the budget (no new probe) and finds the run finished
+    budget_text = (out / "budget.json").read_text()
+    h2h["train_arm"](str(path), [], cpu_seconds=0.4, probe_steps=3)
+    assert (out / "budget.json").read_text() == budget_text
+    with pytest.raises(SystemExit, match="made for 0.4 CPU seconds"):
+        h2h["train_arm"](str(path), [], cpu_seconds=9.0, probe_steps=3)
+    # the report: CPU spent from the log, held-out LM at start and end
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "results.json").write_text(json.dumps({"meta": {"n_questions": 4}, "systems": [
+        {"system": "fixed_x4", "accuracy": 0.25, "accuracy_ci95": [0.05, 0.7], "f1": 0.3, "mean_ratio": 3.9}]}))
+    (row,) = h2h["report"]([f"b={out}:{tmp_path / 'ev'}"], tmp_path / "rep")
+    assert row["cpu_seconds_spent"] == pytest.approx(sum(r["cpu_sec"] for r in train), abs=0.1)
+    assert row["heldout_lm_start"] == budget["start_eval"]["lm"] and row["heldout_lm_end"] > 0
+    assert row["fixed_x4"]["accuracy"] == 0.25 and row["done"]
+    md = (tmp_path / "rep" / "h2h_summary.md").read_text()
+    assert "| b |" in md and "25.0% (5.0%-70.0%) at 3.90x" in md
+    with pytest.raises(ValueError, match="at least 2"):
+        h2h["probe"](None, 1)
+
+
+def test_lineage_starts_at_a_shipped_checkpoint_known_by_its_card(lineage_mod, tmp_path):
+    shipped = tmp_path / "assets" / "default-compressor"
+    shipped.mkdir(parents=True)
+    (shipped / "card.json").write_text(json.dumps({"recipe": "r", "training": {
+        "steps": 2700, "samples": 10800, "cpu_seconds": 11940}}))
+    run = tmp_path / "runs" / "h2h-a"
+    run.mkdir(parents=True)
+    (run / "train_config.json").write_text(json.dumps({
+        "init_from": str(shipped), "optim": {"batch_size": 4, "grad_accum": 1},
+        "objective": {"hidden_align_weight": 1.0}, "data": {"train": ["data/wiki_recon_proxy.jsonl"]}}))
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"split": "train", "step": s, "sec": 2.0, "lm": 1.0})
+                                                 for s in (1, 2, 3)) + "\n")
+    start, arm = lineage_mod["lineage"](run)
+    assert (start.samples, start.steps, start.cpu_seconds) == (10800, 2700, 11940.0)
+    assert arm.samples_before == 10800 and arm.samples == 12 and arm.cpu_seconds == 6.0
+    # shipping such a run counts the shipped checkpoint's training too
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "results.json").write_text(json.dumps({
+        "meta": {"n_questions": 2, "run": {"dataset": "d", "setting": "gold"}},
+        "systems": [{"system": "fixed_x4", "accuracy": 0.5, "exact_match": 0.5, "f1": 0.5, "mean_ratio": 4.0,
+                     "ratio_all": 4.0, "n": 2}]}))
+    sys.path.insert(0, str(RECIPE))
+    try:
+        card = runpy.run_path(str(RECIPE / "ship.py"))["card"](run, tmp_path / "ev")
+    finally:
+        sys.path.remove(str(RECIPE))
+    assert card["training"]["samples"] == 10812 and card["training"]["steps"] == 2703
+    assert card["recipe"].startswith("r, then a head-to-head config (wiki_recon_proxy.jsonl; hidden_align_weight 1.0)")
+    assert "(h2h-a from " in card["recipe"]
