@@ -12,7 +12,12 @@ benchmarks do:
    the same chunks as cached latents (store read + derive + projector included), contexts of
    up to 2,048 tokens; ideal speed-up = ratio of prefill positions;
 2. compression throughput, ``encode_ids`` + ``compress_features`` against a bare encoder
-   forward over the same batches, batch sizes 1 to 64, length-bucketed vs unsorted.
+   forward over the same batches, batch sizes 1 to 64, length-bucketed vs unsorted;
+3. serving on vLLM (when it is installed): the decoder exported as plain weights
+   (``export_decoder``) on one in-process vLLM engine, text RAG (token ids) vs compressed RAG
+   (prompt embeddings with latents from the store), k=5 chunks of 512 tokens, 32 questions:
+   requests/s and TTFT against the ideal speed-up, and against the transformers backend
+   (``benchmarks.vllm_serving`` measures the same on the CPU with SmolLM2).
 
 Everything fits in about 8 minutes (a time budget skips what does not). JSON goes to ``$OUT``
 when set (else ``--out``, else ``benchmarks/results``). ``--dry-run`` runs a tiny model of the
@@ -43,7 +48,7 @@ QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, nu
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 TINY = dict(QWEN3_06B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16)
+            num_key_value_heads=2, head_dim=32)  # vLLM's CPU attention takes head sizes from 32
 FIRST_ID = 16  # random ids start above the tokenizer's special tokens (pad, eos, chat markers, placeholder)
 
 
@@ -244,11 +249,79 @@ def run(args) -> dict:
                     "worst_overhead": max((r["overhead"] for r in tp_rows), default=None),
                     "throughput_met": bool(tp_rows) and max(r["overhead"] for r in tp_rows) <= THROUGHPUT_TARGET},
     }
+    rec.results["vllm_serving"] = serve_on_vllm(comp, args, dry, dtype, vocab, rng, over_budget)
     if device.startswith("cuda"):
         rec.results["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if skipped:
         print(f"skipped over the {budget:.0f} s budget: {', '.join(skipped)}")
     return rec.finish(out_dir)
+
+
+class IdsWorkload:
+    """Tokenizer-free RAG prompts for ``vllm_serving.compare``: random-id chunks as text or as stored latents."""
+
+    def __init__(self, comp, store, prompt: Prompt, chunks: list[list[list[int]]], keys: list[list[str]]):
+        self.comp, self.store, self.prompt, self.chunks, self.keys = comp, store, prompt, chunks, keys
+
+    def prepare(self, path: str, idx: list[int]):
+        if path == "text":
+            return [self.prompt.text(self.chunks[i]) for i in idx], [[] for _ in idx]
+        ids, latents = [], []
+        fp = self.comp.feature_fingerprint
+        for i in idx:
+            found = self.store.get_many(self.keys[i], fp)
+            ctx = self.comp.compress_features([found[k] for k in self.keys[i]])
+            ids.append(self.prompt.compressed(len(ctx)))
+            latents.append([c.latents for c in ctx])
+        return ids, latents
+
+
+def serve_on_vllm(comp, args, dry: bool, dtype: str, vocab: int, rng: random.Random, over_budget) -> dict:
+    """Section 3: text vs compressed RAG on one vLLM engine, and on the transformers backend."""
+    import importlib.util
+
+    if args.no_vllm:
+        return {"skipped": "--no-vllm"}
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not installed here (`make .venv-vllm` on a CPU, `pip install vllm` on a GPU)"}
+    if over_budget():
+        return {"skipped": "over the time budget"}
+    from semidyn_rag.serving import TransformersBackend, export_decoder
+    from semidyn_rag.serving.vllm_engine import VLLMBackend
+    from semidyn_rag.store import LatentStore
+
+    from .vllm_serving import compare, versus
+
+    n, k, L = (4, 3, 20) if dry else (args.vllm_questions, 5, 512)
+    reps, new_tokens = (1, 4) if dry else (3, 32)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine_kwargs = {"dtype": dtype, "max_model_len": 512 if dry else 4096}
+    if not dry:
+        engine_kwargs["gpu_memory_utilization"] = 0.5  # the compressor's own models share the GPU
+    prompt = Prompt(rng, vocab, comp.decoder.placeholder_id)
+    chunks = [[random_ids(rng, L, vocab) for _ in range(k)] for _ in range(n)]
+    keys = [[hashlib.sha256(f"{i}/{j}".encode()).hexdigest() for j in range(k)] for i in range(n)]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        store = LatentStore(Path(work) / "latents.sqlite")
+        for cs, ks_ in zip(chunks, keys):
+            store.put_many(zip(ks_, comp.encode_ids(cs, batch_size=k)))
+        served = export_decoder(comp, Path(work) / "decoder", verify=False)
+        backends = {"vllm": VLLMBackend(comp.decoder, served.path, **engine_kwargs),
+                    "transformers": TransformersBackend(comp.decoder)}
+        started = time.perf_counter() - t0
+        try:
+            rows = compare(backends, IdsWorkload(comp, store, prompt, chunks, keys), n, min(n, 8), new_tokens,
+                           reps, 1)
+        finally:
+            for b in backends.values():
+                b.close()
+            store.close()
+    pre = next(r for r in rows if r["backend"] == "vllm" and r["mode"] == "prefill")
+    return {"questions": n, "k": k, "chunk_tokens": L, "new_tokens": new_tokens, "reps": reps,
+            "engine": engine_kwargs, "setup_s": round(started, 1), "rows": rows, "vllm_vs_transformers": versus(rows),
+            "target": {"prefill_rps_fraction": round(pre["rps_fraction_of_ideal"], 4),
+                       "met": pre["rps_fraction_of_ideal"] >= TARGET_FRACTION}}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -265,6 +338,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new measurements after this")
     p.add_argument("--out", default=None, help="results folder (default $OUT, else benchmarks/results)")
     p.add_argument("--threads", default="auto", help="torch threads when running on the CPU (--dry-run)")
+    p.add_argument("--no-vllm", action="store_true", help="skip section 3 (serving on vLLM)")
+    p.add_argument("--vllm-questions", type=int, default=32, help="questions served in section 3 (default 32)")
     return p
 
 

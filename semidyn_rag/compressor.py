@@ -295,6 +295,17 @@ class SemiDynamicCompressor(nn.Module):
         Each row must hold one placeholder id per context. Raises ValueError for latents of
         another compressor or width.
         """
+        latents = self.context_latents(prompt_ids, contexts)
+        return self.decoder.generate_ids([list(r) for r in prompt_ids], latents, max_new_tokens=max_new_tokens,
+                                         **generate_kwargs)
+
+    def context_latents(self, prompt_ids: Sequence[Sequence[int]],
+                        contexts: Sequence[Sequence[CompressedContext]]) -> list[list[torch.Tensor]]:
+        """The latents of each prompt's contexts, on this device, after checking they are this compressor's.
+
+        What every decoder backend reads (:mod:`semidyn_rag.serving`). Raises ValueError for
+        latents of another compressor or width, or a context list per prompt that is missing.
+        """
         ctx_lists = [list(c) for c in contexts]
         if len(ctx_lists) != len(prompt_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(ctx_lists)} context lists")
@@ -305,9 +316,7 @@ class SemiDynamicCompressor(nn.Module):
                     raise ValueError(f"latents are {c.latents.shape[-1]}-d but the decoder takes {d}-d embeddings")
                 if c.fingerprint != fp:
                     raise ValueError(f"a context was compressed by another compressor ({c.fingerprint} != {fp})")
-        latents = [[c.latents.to(self.device) for c in ctxs] for ctxs in ctx_lists]
-        return self.decoder.generate_ids([list(r) for r in prompt_ids], latents, max_new_tokens=max_new_tokens,
-                                         **generate_kwargs)
+        return [[c.latents.to(self.device) for c in ctxs] for ctxs in ctx_lists]
 
     # -- persistence ----------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ class CompressionSession:
     """
 
     def __init__(self, compressor: SemiDynamicCompressor, store: LatentStore | None = None,
-                 *, max_registered: int = 4096, batch_size: int = 16):
+                 *, max_registered: int = 4096, batch_size: int = 16, backend=None):
         self.compressor = compressor
         self.store = store
         self.features = MemoryStore(max_registered, backing=store)
@@ -80,6 +80,12 @@ class CompressionSession:
         self._latents: OrderedDict[str, tuple[str, CompressedContext, int]] = OrderedDict()
         self._lock = threading.RLock()
         self.encoder_calls = 0
+        # chunk text -> how progressive mode read it (semidyn_rag.progressive.session)
+        self._progress: OrderedDict[str, tuple[dict, CompressedContext | None]] = OrderedDict()
+        # who decodes answers (semidyn_rag.serving): the compressor's decoder unless a backend is given
+        from .serving import TransformersBackend
+
+        self.backend = backend if backend is not None else TransformersBackend(compressor.decoder, self._lock)
 
     # -- compression ----------------------------------------------------------------------------
 
@@ -161,6 +167,25 @@ class CompressionSession:
             hit = self._latents.get(text)
         return hit[1] if hit else None
 
+    def read_progressive(self, question: str, texts: Sequence[str], *, max_latents: int,
+                         scores: Sequence[float] | None = None, min_tokens: int = 0, **options):
+        """Progressive mode: scan ``texts`` coarsely, re-read the relevant ones finely (or as text)
+        within ``max_latents`` positions, and register each read for ``answer``/``stream``.
+
+        Returns the ``semidyn_rag.progressive.ReadPlan`` (every chunk's read and why); chunks it
+        drops or reads as text are unregistered. ``options`` go to ``ProgressiveReader``.
+        """
+        from .progressive.session import read_progressive
+
+        return read_progressive(self, question, texts, max_latents=max_latents, scores=scores,
+                                min_tokens=min_tokens, **options)
+
+    def progress_notes(self, prompt: str) -> list[dict]:
+        """How progressive mode read each chunk found in ``prompt`` (scan and final factor, why)."""
+        from .progressive.session import progress_notes
+
+        return progress_notes(self, prompt)
+
     def _register(self, text: str, key: str, ctx: CompressedContext, decoder_tokens: int) -> None:
         self._latents[text] = (key, ctx, decoder_tokens)
         self._latents.move_to_end(text)
@@ -208,49 +233,33 @@ class CompressionSession:
     def answer(self, prompt: str, max_new_tokens: int = 128, **generate_kwargs) -> tuple[str, PromptUsage]:
         """Answer a text prompt, reading every registered chunk in it as latents."""
         ids, contexts, usage = self.splice(prompt)
-        with self._lock:
-            (text,) = self.compressor.generate_ids([ids], [contexts], max_new_tokens=max_new_tokens,
-                                                   **generate_kwargs)
+        (text,) = self.backend.generate([ids], self.compressor.context_latents([ids], [contexts]),
+                                        max_new_tokens=max_new_tokens, **generate_kwargs)
         return text, usage
 
-    def stream(self, prompt: str, max_new_tokens: int = 128, **generate_kwargs) -> tuple[Iterator[str], PromptUsage]:
-        """Like ``answer`` but yields text pieces as they are decoded (generation runs in a thread)."""
-        from transformers import TextIteratorStreamer
-
+    async def aanswer(self, prompt: str, max_new_tokens: int = 128, **generate_kwargs) -> tuple[str, PromptUsage]:
+        """``answer`` for asyncio: the decoding waits off the event loop."""
         ids, contexts, usage = self.splice(prompt)
-        streamer = TextIteratorStreamer(self.compressor.decoder.tokenizer, skip_prompt=False,
-                                        skip_special_tokens=True)
-        errors: list[BaseException] = []
+        (c,) = await self.backend.acomplete([ids], self.compressor.context_latents([ids], [contexts]),
+                                            max_new_tokens, **generate_kwargs)
+        return c.text, usage
 
-        def run():
-            try:
-                with self._lock:
-                    self.compressor.generate_ids([ids], [contexts], max_new_tokens=max_new_tokens,
-                                                 streamer=streamer, **generate_kwargs)
-            except BaseException as e:  # surfaced to the consumer below
-                errors.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-
-        def pieces() -> Iterator[str]:
-            for piece in streamer:
-                if piece:
-                    yield piece
-            thread.join()
-            if errors:
-                raise errors[0]
-
-        return pieces(), usage
+    def stream(self, prompt: str, max_new_tokens: int = 128, **generate_kwargs) -> tuple[Iterator[str], PromptUsage]:
+        """Like ``answer`` but yields text pieces as they are decoded (decoding starts on first read)."""
+        ids, contexts, usage = self.splice(prompt)
+        latents = self.compressor.context_latents([ids], [contexts])[0]
+        return self.backend.stream(ids, latents, max_new_tokens, **generate_kwargs), usage
 
 
 def open_session(*, compressor: SemiDynamicCompressor | None = None, compressor_path: str | None = None,
-                 store_path: str | None = None, device: str | None = None, **kwargs) -> CompressionSession:
+                 store_path: str | None = None, device: str | None = None, backend="transformers",
+                 vllm_url: str | None = None, **kwargs) -> CompressionSession:
     """A session from a compressor (object or checkpoint path) and an optional store.
 
     ``store_path`` is a latent store file, or a corpus directory made by ``precompress`` (its
-    store is used, and its recorded compressor when none is given).
+    store is used, and its recorded compressor when none is given). ``backend`` decodes the
+    answers: ``"transformers"``, ``"vllm"`` (an engine here, or the server at ``vllm_url``), or a
+    backend object (see :func:`semidyn_rag.serving.make_backend`).
     """
     from pathlib import Path
 
@@ -270,6 +279,10 @@ def open_session(*, compressor: SemiDynamicCompressor | None = None, compressor_
             raise ValueError("give a compressor, a compressor_path, or a corpus directory that records one")
         overrides = {"device": device} if device else {}
         compressor = SemiDynamicCompressor.from_pretrained(compressor_path, **overrides)
+    if backend != "transformers" or vllm_url:
+        from .serving import make_backend
+
+        kwargs["backend"] = make_backend(compressor, backend, vllm_url=vllm_url)
     return CompressionSession(compressor, store, **kwargs)
 
 

@@ -32,7 +32,7 @@ ROWS = [
     {"id": "q4", "context": TEXTS[3], "question": "What jumps over the dog?", "answers": {"text": ["fox"]}},
 ]
 N_SYSTEMS = 7  # uncompressed, no_context, fixed x2, x8, semi -1, 0, +1
-TIMING = {"retrieve_s", "compress_s", "prefill_s", "decode_s", "ttft_s"}
+TIMING = {"retrieve_s", "compress_s", "prefill_s", "decode_s", "ttft_s", "compress_cached_s", "compress_uncached_s"}
 
 
 def _write_jsonl(path, rows):

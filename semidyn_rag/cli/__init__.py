@@ -36,6 +36,7 @@ SUBCOMMANDS = {
     "eval": "evaluate",
     "import-latents": "import_latents",
     "export": "export",
+    "export-decoder": "export_decoder",
 }
 PROG = "semidyn-rag"
 RESUME = "rerun the same command to resume"
@@ -51,6 +52,7 @@ KNOWN_ERRORS = (
     ("semidyn_rag.training.records", "RecordError"),
     ("semidyn_rag.training.teachers", "TeacherError"),
     ("semidyn_rag.distributed", "RayUnavailableError"),
+    ("semidyn_rag.serving.base", "ServingError"),
     ("yaml", "YAMLError"),
 )
 
@@ -108,6 +110,25 @@ def add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the base models run Python code shipped with them (auto_map); only for "
                              "models you trust. A checkpoint can never turn this on by itself")
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--backend`` and ``--vllm-url`` flags of commands that decode answers."""
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default=None,
+                        help="who decodes: transformers (default), or vllm (an engine in this process, which needs "
+                             "vLLM installed, or the server at --vllm-url)")
+    parser.add_argument("--vllm-url", default=None,
+                        help="a `vllm serve MODEL --enable-prompt-embeds` server, e.g. http://gpu-host:8000 "
+                             "(implies --backend vllm; serve the folder `semidyn-rag export-decoder` writes)")
+
+
+def backend_choice(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(backend name, server URL) from ``--backend``/``--vllm-url`` (a URL alone means vllm)."""
+    url = getattr(args, "vllm_url", None)
+    name = getattr(args, "backend", None) or ("vllm" if url else "transformers")
+    if url and name != "vllm":
+        raise argparse.ArgumentTypeError("--vllm-url needs --backend vllm")
+    return name, url
 
 
 def compressor_overrides(args: argparse.Namespace, device: str | None = None) -> dict:

@@ -10,7 +10,8 @@ import argparse
 import logging
 import math
 
-from . import add_trust_remote_code, allow_negative_values, compressor_overrides, folder_arg
+from . import (add_backend_arguments, add_trust_remote_code, allow_negative_values, backend_choice,
+               compressor_overrides, folder_arg)
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def parse_names(text: str) -> list[str]:
 
 
 def register(subparsers) -> None:
-    from ..evaluation.systems import FAMILIES
+    from ..evaluation.systems import DEFAULT_FAMILIES, FAMILIES
 
     p = subparsers.add_parser("eval", help="QA accuracy with and without compression, side by side",
                               description="Answer a QA set with and without compression; report side by side.")
@@ -65,8 +66,10 @@ def register(subparsers) -> None:
     p.add_argument("--k", type=int, default=5, help="chunks retrieved per question in rag (default 5)")
     p.add_argument("--corpus", help="rag: retrieve from this corpus folder (made by precompress)")
     p.add_argument("--retriever", help="sentence-transformers model for rag (default MiniLM)")
-    p.add_argument("--systems", type=parse_names, default=list(FAMILIES),
-                   help=f"comma list of system families (default all: {','.join(FAMILIES)})")
+    p.add_argument("--systems", type=parse_names, default=list(DEFAULT_FAMILIES),
+                   help=f"comma list of system families, from {','.join(FAMILIES)} (default: "
+                        f"{','.join(DEFAULT_FAMILIES)}; the text-pruning peers truncate, sentence_optimizer "
+                        "and longllmlingua run at the fixed factors when named)")
     p.add_argument("--scales", type=parse_scales, default=None,
                    help="semi-dynamic scales, START:STOP:STEP or a list (default -2:4:0.5)")
     p.add_argument("--factors", type=parse_ints, default=None,
@@ -87,8 +90,18 @@ def register(subparsers) -> None:
     p.add_argument("--llmlingua", choices=("auto", "on", "off"), default="auto",
                    help="LLMLingua-2 baseline: auto = when installed and loadable")
     p.add_argument("--llmlingua-model", default=None, help="LLMLingua-2 model name")
+    p.add_argument("--lingua-scorer", metavar="MODEL",
+                   help="longllmlingua's scoring causal LM, a local folder or hub id (default: the decoder's "
+                        "own base model)")
+    p.add_argument("--on-overflow", choices=("error", "truncate", "skip"), default="skip",
+                   help="contexts over the encoder limit, for every system alike: skip the questions reading "
+                        "them (default; counted in the report), truncate them to the limit, or stop")
+    p.add_argument("--budget-k", type=int, default=5,
+                   help="progressive_* systems: each question's latent budget is what its top N retrieved "
+                        "chunks take at each fixed factor (default 5; use --k above it)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the checkpoint's)")
     add_trust_remote_code(p)
+    add_backend_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="discard results of another run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -105,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         question_suffix=args.question_suffix, baseline_decoder=args.baseline_decoder,
         batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
         reuse_baselines=args.reuse_baselines, llmlingua=args.llmlingua, device=args.device,
+        lingua_scorer=args.lingua_scorer, on_overflow=args.on_overflow, budget_k=args.budget_k,
         overwrite=args.overwrite, progress=not args.no_progress,
         trust_remote_code=bool(compressor_overrides(args).get("trust_remote_code")),
     )
@@ -119,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.datasets import DatasetError
 
     try:
-        outcome = run_evaluation(EvalConfig(**fields))
+        outcome = _evaluate(args, EvalConfig(**fields), run_evaluation)
     except ValidationError as e:
         logger.error("invalid options: %s", "; ".join(
             f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors()))
@@ -131,3 +145,38 @@ def run(args: argparse.Namespace) -> int:
     print(f"{outcome.computed} answers computed, {outcome.reused} reused; files: "
           + ", ".join(str(p) for p in outcome.files.values()))
     return 0
+
+
+def _evaluate(args: argparse.Namespace, config, run_evaluation):
+    """Run the evaluation, decoding on vLLM when ``--backend vllm`` / ``--vllm-url`` asks for it.
+
+    In process, the compressed systems read with an engine on the merged decoder and the base-LLM
+    baselines with a second engine on the base weights, started only if a baseline is decoded.
+    """
+    from ..evaluation.errors import EvalError
+
+    try:
+        name, url = backend_choice(args)
+    except argparse.ArgumentTypeError as e:
+        raise EvalError(str(e)) from None
+    if name == "transformers":
+        return run_evaluation(config)
+    from ..compressor import SemiDynamicCompressor
+    from ..evaluation.decoding import decoding_backends, has_adapters
+    from ..serving import make_backend
+
+    overrides = {"device": config.device} if config.device else {}
+    if config.trust_remote_code:
+        overrides["trust_remote_code"] = True
+    comp = SemiDynamicCompressor.from_pretrained(config.compressor, **overrides)
+    base = None
+    if url is None and config.baseline_decoder == "base" and has_adapters(comp.decoder.model):
+        base = lambda: make_backend(comp, "vllm", base=True)  # noqa: E731 (made on first use)
+    routes = {"tuned": make_backend(comp, "vllm", vllm_url=url), "base": None}
+    try:
+        with decoding_backends(routes["tuned"], base) as routes:
+            return run_evaluation(config, compressor=comp)
+    finally:
+        for backend in routes.values():
+            if hasattr(backend, "close"):
+                backend.close()

@@ -15,7 +15,8 @@ import json
 import logging
 from collections import Counter
 
-from . import add_trust_remote_code, allow_negative_values, compressor_overrides, fail, scale_arg, text_arg
+from . import (add_backend_arguments, add_trust_remote_code, allow_negative_values, backend_choice,
+               compressor_overrides, fail, query_progressive, scale_arg, text_arg)
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
     allow_negative_values(p)
     p.add_argument("dir", help="corpus directory built by `semidyn-rag precompress`")
     p.add_argument("question", type=text_arg)
-    p.add_argument("-k", type=int, default=5, help="chunks to retrieve")
+    p.add_argument("-k", type=int, default=None, help="chunks to retrieve (default 5; 20 with --progressive)")
     p.add_argument("--scale", type=scale_arg, default=None,
                    help="compression scale (default: the one the directory was precompressed at)")
     p.add_argument("--factor", type=int, default=None, help="force one pooling factor instead of the selector")
@@ -37,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default=None, help="device for the compressor (default: CUDA if available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    query_progressive.add_options(p)
+    add_backend_arguments(p)
     add_trust_remote_code(p)
     p.set_defaults(func=run)
 
@@ -46,6 +49,16 @@ def run(args: argparse.Namespace) -> int:
     from ..compressor import SemiDynamicCompressor
     from ..corpus import CorpusDirectory, CorpusError
 
+    problem = query_progressive.check(args)
+    if problem:
+        return fail(problem, 2)
+    try:
+        backend_name, vllm_url = backend_choice(args)
+    except argparse.ArgumentTypeError as e:
+        return fail(str(e), 2)
+    if args.progressive and backend_name != "transformers":
+        return fail("--backend vllm does not apply to --progressive (its reader decodes with the compressor)", 2)
+    k = args.k if args.k is not None else query_progressive.PROGRESSIVE_K if args.progressive else 5
     try:
         corpus = CorpusDirectory(args.dir)
     except CorpusError as e:
@@ -70,23 +83,41 @@ def run(args: argparse.Namespace) -> int:
             logger.warning("this compressor's encoder differs from the one %s was precompressed with; "
                            "retrieved chunks are encoded now and written back", args.dir)
         try:
-            hits = corpus.search(args.question, k=args.k)
+            hits = corpus.search(args.question, k=k)
         except (CorpusError, ValueError) as e:
             return fail(str(e), 1)
         if not hits:
             return fail("the corpus directory holds no chunks", 1)
+        if args.progressive:
+            try:
+                result = query_progressive.answer(args, corpus, comp, hits)
+            except ValueError as e:
+                return fail(str(e), 2)
+            print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else query_progressive.render(result))
+            return 0
         scale = corpus.manifest.scale if args.scale is None else args.scale
         try:
             contexts, fetched = corpus.contexts(hits, comp, scale=scale, factor=args.factor)
         except ValueError as e:  # e.g. a forced factor the backbone cannot pool at
             return fail(str(e), 2)
-        answer = comp.generate(args.question, contexts, max_new_tokens=args.max_new_tokens)
+        answer = _answer(comp, backend_name, vllm_url, args.question, contexts, args.max_new_tokens)
     result = report(args.question, answer, hits, contexts, fetched, scale)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         print(render(result))
     return 0
+
+
+def _answer(comp, backend_name: str, vllm_url: str | None, question: str, contexts, max_new_tokens: int) -> str:
+    """The decoder's answer from the chosen backend (the default RAG prompt, one placeholder per chunk)."""
+    from ..serving import make_backend
+
+    dec = comp.decoder
+    ids = dec.encode_prompts([dec.render(question, len(contexts))])
+    with make_backend(comp, backend_name, vllm_url=vllm_url) as backend:
+        (answer,) = backend.generate(ids, comp.context_latents(ids, [contexts]), max_new_tokens)
+    return answer
 
 
 def report(question: str, answer: str, hits, contexts, fetched, scale: float) -> dict:

@@ -2,14 +2,18 @@
 
 Every context is planned once and encoded (or read from a corpus store) once, however many
 questions and systems read it: each fixed factor and semi-dynamic scale then derives its latents
-from the same features. A context the encoder refuses is reported by the questions reading it.
+from the same features. A context the encoder refuses is reported by the questions reading it;
+one over the encoder's limit is handled by ``--on-overflow`` for every system alike (``error``,
+``truncate`` to the limit, or ``skip`` the questions reading it), so comparisons stay fair.
 """
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +48,7 @@ class Contexts:
     plan: dict[str, _Question]
     features: Callable[[list[str]], list]
     retriever: object | None = None
+    encoded: bool = True  # features come from the encoder (False: from a corpus store)
 
 
 def plan_contexts(config: EvalConfig, comp, all_samples: Sequence[QASample], questions: list[QASample],
@@ -99,7 +104,7 @@ def _plan_from_corpus(config: EvalConfig, comp, questions: list[QASample]) -> Co
             own = " ".join(q.context.split())
             gold = any(" ".join(t.split()) in own for t in hit.texts)
         plan[q.id] = _Question(q, ids, hit.seconds, gold)
-    return Contexts(texts, plan, lambda t: retriever.features(comp, t, len(t)), retriever)
+    return Contexts(texts, plan, lambda t: retriever.features(comp, t, len(t)), retriever, encoded=False)
 
 
 def _unique_contexts(samples: Sequence[QASample]) -> tuple[list[str], dict[str, int]]:
@@ -110,30 +115,114 @@ def _unique_contexts(samples: Sequence[QASample]) -> tuple[list[str], dict[str, 
     return list(index), index
 
 
+@dataclass
+class Overflow:
+    """Contexts over the encoder limit and what ``on_overflow`` did about them (kept across resumes)."""
+
+    mode: str
+    limit: int
+    contexts: set[str] = field(default_factory=set)  # sha256 of each over-limit context
+    skipped_questions: set[str] = field(default_factory=set)
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "limit": self.limit, "contexts_over_limit": len(self.contexts),
+                "questions_skipped": len(self.skipped_questions),
+                "contexts_truncated": len(self.contexts) if self.mode == "truncate" else 0,
+                "skipped_ids": sorted(self.skipped_questions), "context_digests": sorted(self.contexts)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Overflow:
+        return cls(d["mode"], int(d["limit"]), set(d.get("context_digests", ())), set(d.get("skipped_ids", ())))
+
+
+def handle_overflow(config: EvalConfig, comp, ctx: Contexts, overflow: Overflow) -> None:
+    """Apply ``config.on_overflow`` to the planned contexts over the encoder limit, in place.
+
+    ``truncate`` cuts them to the limit (every system then reads the cut text), ``skip`` drops
+    the questions reading them from the plan (and records them in ``overflow``), ``error``
+    raises EvalError naming those questions.
+    """
+    tok, limit = comp.encoder.tokenizer, comp.encoder.max_tokens
+    used = sorted({i for q in ctx.plan.values() for i in q.corpus_ids})
+    over = {}
+    for i in used:
+        ids = tok(ctx.texts[i], add_special_tokens=False)["input_ids"]
+        if len(ids) > limit:
+            over[i] = ids
+    if not over:
+        return
+    readers = {i: sorted(q.sample.id for q in ctx.plan.values() if i in q.corpus_ids) for i in over}
+    overflow.contexts.update(hashlib.sha256(ctx.texts[i].encode()).hexdigest() for i in over)
+    if config.on_overflow == "error":
+        i, ids = next(iter(over.items()))
+        users = readers[i]
+        more = f" and {len(users) - 5} more" if len(users) > 5 else ""
+        raise EvalError(f"{len(over)} context(s) exceed the encoder limit of {limit} tokens; the first "
+                        f"({len(ids)} tokens) is read by question(s) {', '.join(map(repr, users[:5]))}{more}; "
+                        "pass --on-overflow skip or truncate")
+    if config.on_overflow == "truncate":
+        for i, ids in over.items():
+            keep = limit
+            while keep > 0:  # decoding and re-tokenizing may merge differently: make sure it fits
+                text = tok.decode(ids[:keep], skip_special_tokens=True)
+                if len(tok(text, add_special_tokens=False)["input_ids"]) <= limit:
+                    break
+                keep -= 1
+            ctx.texts[i] = text
+        return
+    skip = {qid for users in readers.values() for qid in users}
+    overflow.skipped_questions.update(skip)
+    for qid in skip:
+        ctx.plan.pop(qid, None)
+
+
 def encode_contexts(config: EvalConfig, comp, items: dict[int, ContextItem], ids: list[int],
-                    plan: dict[str, _Question], features: Callable[[list[str]], list]) -> None:
-    """Encode (or read) each context once, in batches; give each its share of its batch's time."""
+                    plan: dict[str, _Question], features: Callable[[list[str]], list], *,
+                    encoded: bool = True) -> None:
+    """Encode (or read) each context once, in batches; give each its share of its batch's time.
+
+    Each context also gets both query-time costs of the soft compressor: an encoder pass
+    (``encoded`` features are timed as they are made; store-read features are encoded once
+    more to time it) and a read from a latent store (the features are written to a temporary
+    ``LatentStore`` and read back).
+    """
     if not ids:
         return
+    from ..store import LatentStore
+    from ..store.keys import chunk_key
+
     ids = sorted(ids, key=lambda i: len(items[i].text))  # similar lengths pad less
     bar = tqdm(total=len(ids), desc="encoding contexts", unit="ctx", disable=not config.progress)
-    for s in range(0, len(ids), config.batch_size):
-        batch = ids[s : s + config.batch_size]
-        if comp.device.type == "cuda":
-            torch.cuda.synchronize(comp.device)
-        t0 = time.perf_counter()
-        try:
-            feats = features([items[i].text for i in batch])
-        except (ContextTooLongError, ValueError):
-            _raise_for_bad_context(comp, items, batch, plan)
-            raise
-        if comp.device.type == "cuda":
-            torch.cuda.synchronize(comp.device)
-        share = (time.perf_counter() - t0) / len(batch)
-        for i, f in zip(batch, feats):
-            items[i].features, items[i].encode_s = f, share
-        bar.update(len(batch))
+    with tempfile.TemporaryDirectory(prefix="semidyn-eval-store-") as tmp, LatentStore(Path(tmp) / "l.sqlite") as store:
+        for s in range(0, len(ids), config.batch_size):
+            batch = ids[s : s + config.batch_size]
+            texts = [items[i].text for i in batch]
+            try:
+                share, feats = _timed(comp, lambda: features(texts), len(batch))
+            except (ContextTooLongError, ValueError):
+                _raise_for_bad_context(comp, items, batch, plan)
+                raise
+            pass_share = share if encoded else _timed(comp, lambda: comp.encode(texts, batch_size=len(texts)),
+                                                      len(batch))[0]
+            keys = [chunk_key(t) for t in texts]
+            store.put_many(zip(keys, feats))
+            read_share = _timed(comp, lambda: store.get_many(keys, comp.feature_fingerprint), len(batch))[0]
+            for i, f in zip(batch, feats):
+                items[i].features, items[i].encode_s = f, share
+                items[i].encode_pass_s, items[i].store_read_s = pass_share, read_share
+            bar.update(len(batch))
     bar.close()
+
+
+def _timed(comp, fn: Callable, n: int):
+    """(per-item share of the seconds ``fn`` took, its result)."""
+    if comp.device.type == "cuda":
+        torch.cuda.synchronize(comp.device)
+    t0 = time.perf_counter()
+    out = fn()
+    if comp.device.type == "cuda":
+        torch.cuda.synchronize(comp.device)
+    return (time.perf_counter() - t0) / n, out
 
 
 def _raise_for_bad_context(comp, items: dict[int, ContextItem], batch: list[int], plan: dict[str, _Question]):

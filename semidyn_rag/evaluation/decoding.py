@@ -9,12 +9,18 @@ The baselines (uncompressed text, no context) read with the BASE decoder by defa
 the decoder is a PEFT model, its adapters are disabled for the call (``disable_adapter()``),
 so "uncompressed" means the plain LLM a user would otherwise run, not one tuned to read
 latents. A fully fine-tuned decoder has no base weights left; it is then used as is.
+
+Inside ``decoding_backends(tuned, base)`` the same calls go to decoder backends instead
+(:mod:`semidyn_rag.serving`, e.g. vLLM): ``tuned`` for the compressed systems, ``base`` (a
+backend, or a function making one on first use) for the baselines that read with the base LLM.
+Times then come from the backend: each request's own first token and end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +66,41 @@ def decoder_mode(model: torch.nn.Module, base: bool):
     return model.disable_adapter() if base and has_adapters(model) else contextlib.nullcontext()
 
 
+_ROUTED: ContextVar[dict | None] = ContextVar("semidyn_decoding_backends", default=None)
+
+
+@contextlib.contextmanager
+def decoding_backends(tuned, base=None):
+    """Route ``timed_generate``/``timed_generate_batch`` through decoder backends while inside.
+
+    ``base`` serves the baselines when they read with the base LLM: a backend, or a zero-argument
+    function that makes one the first time a baseline is decoded; None refuses such baselines.
+    """
+    routes = {"tuned": tuned, "base": base}
+    token = _ROUTED.set(routes)
+    try:
+        yield routes
+    finally:
+        _ROUTED.reset(token)
+
+
+def _routed_generate(routes: dict, decoder: LatentDecoder, prompt_ids, latents, max_new_tokens: int,
+                     base: bool) -> list[Generation]:
+    """``timed_generate_batch`` on a backend: per-question shares of the batch's first-token and end times."""
+    which = "base" if base and has_adapters(decoder.model) else "tuned"
+    backend = routes[which]
+    if backend is None:
+        raise ValueError("the baselines read with the base LLM, which no backend serves here: serve "
+                         "`semidyn-rag export-decoder CKPT OUT --base` or pass --baseline-decoder tuned")
+    if callable(backend) and not hasattr(backend, "complete"):
+        backend = routes[which] = backend()
+    done = backend.complete(prompt_ids, latents, max_new_tokens)
+    n = len(done)
+    first = max((c.ttft_s if c.ttft_s is not None else c.total_s) for c in done)
+    end = max(c.total_s for c in done)
+    return [Generation(c.text, len(c.token_ids), c.prompt_positions, first / n, (end - first) / n) for c in done]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,6 +137,9 @@ def timed_generate_batch(
     (a per-question share of the throughput, not the latency one question would see alone);
     with one prompt they are that prompt's own times.
     """
+    routes = _ROUTED.get()
+    if routes is not None:
+        return _routed_generate(routes, decoder, prompt_ids, latents, max_new_tokens, base)
     model = decoder.model
     device = model.get_input_embeddings().weight.device
     clock = _FirstTokenClock()

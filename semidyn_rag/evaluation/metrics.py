@@ -132,6 +132,10 @@ def summarize(results: Sequence[SampleResult], family: str, param: float | None)
     def avg(attr: str) -> float:
         return sum(getattr(r, attr) for r in results) / n
 
+    def avg_known(attr: str) -> float | None:
+        known = [v for r in results if (v := getattr(r, attr)) is not None]
+        return sum(known) / len(known) if known else None
+
     return SystemSummary(
         system=results[0].system, family=family, param=param, n=n,
         n_correct=n_correct, accuracy=n_correct / n, accuracy_ci95=wilson_interval(n_correct, n),
@@ -147,4 +151,5 @@ def summarize(results: Sequence[SampleResult], family: str, param: float | None)
         decode_s=avg("decode_s"), ttft_s=avg("ttft_s"),
         total_s=sum(r.ttft_s + r.decode_s for r in results) / n,
         gold_recall=sum(recall) / len(recall) if recall else None,
+        compress_cached_s=avg_known("compress_cached_s"), compress_uncached_s=avg_known("compress_uncached_s"),
     )

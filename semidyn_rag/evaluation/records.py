@@ -42,6 +42,11 @@ class SampleResult:
     decode_s: float = 0.0
     ttft_s: float = 0.0  # retrieve + compress + prefill: question in, first token out
     gold_retrieved: bool | None = None  # rag setting: was the question's own context retrieved
+    # Latent systems: what compress_s would be with the features in a latent store (a read)
+    # and without (an encoder pass); compress_s is whichever this run did.
+    compress_cached_s: float | None = None
+    compress_uncached_s: float | None = None
+    extra: dict | None = None  # system-specific figures (progressive: budget, scan, each chunk's read)
 
     @property
     def source_tokens(self) -> int:
@@ -100,6 +105,8 @@ class SystemSummary:
     gold_recall: float | None = None  # rag: share of questions whose own context was retrieved
     gain_over_fixed: float | None = None  # semi-dynamic: accuracy minus fixed-factor curve there
     accuracy_ci95: tuple[float, float] | None = None  # Wilson interval of the substring accuracy
+    compress_cached_s: float | None = None  # latent systems: derive + latent-store read
+    compress_uncached_s: float | None = None  # latent systems: derive + encoder pass
 
     def to_json(self) -> dict:
         d = asdict(self)

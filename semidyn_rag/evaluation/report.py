@@ -1,9 +1,12 @@
 """The report of a run: ``results.json``, ``results.md`` (a Markdown table) and ``pareto.png``.
 
 The Pareto plot is the paper's main figure: accuracy against the average compression ratio
-(over correctly answered questions), one curve per compressing system family, with horizontal
-lines for the uncompressed and no-context baselines and the 95% interval of every accuracy
-(error bars, shaded bands). For semi-dynamic points the table also gives the accuracy gain
+(over correctly answered questions), one curve per compressing system family (the text-pruning
+peers each their own), with horizontal lines for the uncompressed and no-context baselines,
+the 95% interval of every accuracy (error bars, shaded bands) and a labelled tick at every
+factor the run compared. The table gives each system's query-time compression cost in ms
+per question; for latent systems also with the features cached (a latent-store read) and
+without (an encoder pass). For semi-dynamic points the table also gives the accuracy gain
 over the fixed-factor curve at the same ratio (interpolated in log2 ratio) next to the
 variance of log2 factor, the two axes of the paper's Figure 5.
 """
@@ -19,7 +22,9 @@ from pathlib import Path
 from ..atomic import atomic_path, atomic_write_text
 from .records import SystemSummary
 
-CURVES = {"fixed": ("fixed factor", "o"), "semi_dynamic": ("semi-dynamic", "s"), "llmlingua2": ("LLMLingua-2", "^")}
+CURVES = {"fixed": ("fixed factor (soft)", "o"), "semi_dynamic": ("semi-dynamic (soft)", "s"),
+          "llmlingua2": ("LLMLingua-2", "^"), "longllmlingua": ("LongLLMLingua (text)", "v"),
+          "sentence_optimizer": ("SentenceEmbeddingOptimizer (text)", "D"), "truncate": ("truncate (text)", "x")}
 
 
 def plot_ratio(s: SystemSummary) -> float | None:
@@ -54,10 +59,15 @@ def _fmt_interval(ci: Sequence[float] | None) -> str:
     return "-" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
 
 
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.1f}"
+
+
 def markdown_table(summaries: Sequence[SystemSummary]) -> str:
     """One row per system: scores, correct-only ratios, selector statistics, sizes and latencies."""
     head = ("| system | n | acc | acc 95% CI | EM | F1 | ratio (mean) | ratio (sums) | ratio (all q) | latents/chunk | var log2 F | "
-            "gain vs fixed | factors | prefill tok | retrieve s | compress s | prefill s | decode s | TTFT s |")
+            "gain vs fixed | factors | prefill tok | compress ms/q | cached ms/q | encoder ms/q | "
+            "retrieve s | compress s | prefill s | decode s | TTFT s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summaries:
         hist = " ".join(f"{k}:{v}" for k, v in s.factor_histogram.items()) or "-"
@@ -67,6 +77,7 @@ def markdown_table(summaries: Sequence[SystemSummary]) -> str:
             f"{_fmt(s.mean_ratio, '.2f')} | {_fmt(s.ratio_of_sums, '.2f')} | {_fmt(s.ratio_all, '.2f')} | "
             f"{_fmt(s.positions_per_chunk, '.1f')} | "
             f"{_fmt(s.log2_factor_var)} | {_fmt(s.gain_over_fixed, '+.3f')} | {hist} | {s.prefill_tokens:.1f} | "
+            f"{_ms(s.compress_s)} | {_ms(s.compress_cached_s)} | {_ms(s.compress_uncached_s)} | "
             f"{s.retrieve_s:.4f} | {s.compress_s:.4f} | {s.prefill_s:.4f} | {s.decode_s:.4f} | {s.ttft_s:.4f} |"
         )
     return "\n".join(lines) + "\n"
@@ -79,14 +90,16 @@ def plot_pareto(summaries: Sequence[SystemSummary], path: Path, title: str = "")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     hollow_any = False
+    ticks: set[float] = set()
     for family, (label, marker) in CURVES.items():
         pts = sorted((plot_ratio(s), s.accuracy, s.ratio_of_sums is None, s.accuracy_ci95) for s in summaries
                      if s.family == family and plot_ratio(s))
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ticks.update(s.param for s in summaries if s.family == family and s.family != "semi_dynamic" and s.param)
         (line,) = ax.plot(xs, ys, marker=marker, label=label)
         bars = [(x, y, ci) for x, y, _, ci in pts if ci is not None]
         if bars:  # the 95% interval: points closer than this are not told apart by the data
@@ -106,6 +119,14 @@ def plot_pareto(summaries: Sequence[SystemSummary], path: Path, title: str = "")
     top = max((s.accuracy_ci95[1] if s.accuracy_ci95 else s.accuracy for s in summaries), default=0.0)
     ax.set_ylim(0, min(1.0, max(0.05, top * 1.15)))
     ax.set_xscale("log", base=2)
+    if ticks:  # a labelled tick at every factor compared, not only at the powers matplotlib picks
+        from matplotlib.ticker import NullFormatter, NullLocator
+
+        lo, hi = ax.get_xlim()
+        shown = sorted(t for t in ticks if lo <= t <= hi) or sorted(ticks)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(shown, [f"{t:g}x" for t in shown])
     ax.set_xlabel("average compression ratio (correctly answered questions)")
     ax.set_ylabel("substring accuracy")
     if hollow_any:
@@ -113,7 +134,7 @@ def plot_pareto(summaries: Sequence[SystemSummary], path: Path, title: str = "")
                 fontsize=7, color="grey")
     ax.set_title(title or "Accuracy vs compression")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
@@ -132,8 +153,16 @@ def write_report(out: str | Path, summaries: Sequence[SystemSummary], meta: dict
              "ratio (mean) and ratio (sums) are source tokens per decoder position over correctly "
              "answered questions only, ratio (all q) over every question with context; "
              "latencies are means in seconds per question.", ""]
+    notes.append("compress ms/q is the query-time compression cost per question as this run paid it; for "
+                 "latent systems, cached = with the features in a latent store (a read), encoder = without "
+                 "(an encoder pass), both plus selection, pooling and projection.")
     for fam, why in meta.get("skipped_systems", {}).items():
         notes.append(f"- {fam} not run: {why}")
+    ov = meta.get("overflow")
+    if ov and ov.get("contexts_over_limit"):
+        what = {"skip": f"{ov['questions_skipped']} question(s) reading them were skipped by every system",
+                "truncate": "they were truncated to the limit for every system"}.get(ov["mode"], ov["mode"])
+        notes.append(f"- {ov['contexts_over_limit']} context(s) over the encoder limit of {ov['limit']} tokens: {what}.")
     atomic_write_text(files["markdown"], f"# {title}\n\n" + markdown_table(summaries) + "\n".join(notes) + "\n")
     with atomic_path(files["pareto"]) as tmp:
         plot_pareto(summaries, tmp, title)

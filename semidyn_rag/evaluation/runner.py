@@ -14,10 +14,16 @@ Decoding runs one question at a time by default, so that latencies are per quest
 decode, time to first token). ``decode_batch_size`` > 1 decodes that many questions of one
 system as a left-padded batch: several times the throughput for large runs, with latencies
 then reported as per-question shares of each batch's time.
+
+Contexts over the encoder's limit are handled alike for every system (``on_overflow``): the
+default ``skip`` leaves out every question reading one (counted in the report and in
+``overflow.json``, so a resumed run skips the same ones); ``truncate`` cuts them to the limit
+for text and latent systems alike; ``error`` stops the run naming the questions.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -28,8 +34,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_text
 from ..compressor import SemiDynamicCompressor
-from .contexts import encode_contexts, plan_contexts
+from .contexts import Overflow, encode_contexts, handle_overflow, plan_contexts
 from .datasets import QASample, load_qa_dataset, sample_subset
 from .decoding import has_adapters, timed_generate, timed_generate_batch
 from .errors import EvalError
@@ -37,7 +44,7 @@ from .metrics import exact_match, f1_score, substring_match, summarize
 from .records import ResultLog, SampleResult, SystemSummary
 from .resume import import_baselines, open_log, run_key
 from .retrieval import CorpusRetriever
-from .systems import DEFAULT_LLMLINGUA_MODEL, FAMILIES, ContextItem, System, build_systems
+from .systems import DEFAULT_FAMILIES, DEFAULT_LLMLINGUA_MODEL, FAMILIES, ContextItem, System, build_systems
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +66,7 @@ class EvalConfig(BaseModel):
     k: int = Field(5, ge=1)
     corpus: str | None = Field(None, description="A corpus folder made by `precompress` to retrieve from.")
     retriever: str | None = Field(None, description="sentence-transformers model; None = MiniLM.")
-    systems: list[str] = list(FAMILIES)
+    systems: list[str] = list(DEFAULT_FAMILIES)
     factors: list[int] | None = Field(None, description="Fixed factors; None = the compressor's candidates.")
     scales: list[float] = list(PAPER_SCALES)
     limit: int | None = Field(None, ge=1)
@@ -76,6 +83,13 @@ class EvalConfig(BaseModel):
     warmup: int = Field(2, ge=0, description="Untimed generate calls before timing starts.")
     llmlingua: Literal["auto", "on", "off"] = "auto"
     llmlingua_model: str = DEFAULT_LLMLINGUA_MODEL
+    lingua_scorer: str | None = Field(None, description="LongLLMLingua's scorer (a causal LM folder or hub id); "
+                                      "None = the decoder's own base model.")
+    on_overflow: Literal["error", "truncate", "skip"] = Field(
+        "skip", description="Contexts over the encoder limit: skip the questions reading them, truncate them "
+        "(for every system alike), or stop with an error.")
+    budget_k: int = Field(5, ge=1, description="Progressive systems: the latent budget is what the top budget_k "
+                          "contexts take at each fixed factor.")
     device: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -122,21 +136,46 @@ def run_evaluation(config: EvalConfig, compressor: SemiDynamicCompressor | None 
     questions = sample_subset(all_samples, config.limit, config.seed)
     baseline_base = _baseline_is_base(comp, config.baseline_decoder)
     key = run_key(config, comp, all_samples, baseline_base)
+    if config.on_overflow == "truncate":  # changes what over-limit questions read (skip and error do not)
+        key["on_overflow"] = "truncate"
+    if config.lingua_scorer:
+        key["lingua_scorer"] = config.lingua_scorer
     log = open_log(out, key, config.overwrite)
     (out / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
+    overflow = _load_overflow(out, config, comp)
 
     systems, skipped = build_systems(comp, config.systems, factors=config.factors, scales=config.scales,
-                                     llmlingua=config.llmlingua, llmlingua_model=config.llmlingua_model)
+                                     llmlingua=config.llmlingua, llmlingua_model=config.llmlingua_model,
+                                     scorer=config.lingua_scorer, budget_k=config.budget_k)
     if config.reuse_baselines:
         import_baselines(Path(config.reuse_baselines), key, log, systems, questions)
-    pending = [(s, q) for s in systems for q in questions if (s.name, q.id) not in log]
-    reused = len(systems) * len(questions) - len(pending)
-    reads = _run_pending(config, comp, all_samples, pending, log, baseline_base, out) if pending else {}
-    summaries = [summarize([log.results[(s.name, q.id)] for q in questions], s.family, s.param) for s in systems]
-    meta = {"run": key, "n_questions": len(questions), "skipped_systems": skipped,
+    pending = [(s, q) for s in systems for q in questions
+               if (s.name, q.id) not in log and q.id not in overflow.skipped_questions]
+    reads = {}
+    if pending:
+        reads, pending = _run_pending(config, comp, all_samples, pending, log, baseline_base, out, overflow)
+    kept = [q for q in questions if q.id not in overflow.skipped_questions]
+    if not kept:
+        raise EvalError(f"every question reads a context over the encoder limit ({overflow.limit} tokens); "
+                        "use --on-overflow truncate")
+    reused = len(systems) * len(kept) - len(pending)
+    summaries = [summarize([log.results[(s.name, q.id)] for q in kept], s.family, s.param) for s in systems]
+    ov = overflow.to_json()
+    meta = {"run": key, "n_questions": len(kept), "skipped_systems": skipped,
+            "overflow": {k: v for k, v in ov.items() if k != "context_digests"},
             "last_invocation": {"computed": len(pending), "reused": reused, **reads}}
     files = write_report(out, summaries, meta)
     return EvalOutcome(out, summaries, len(pending), reused, skipped, files)
+
+
+def _load_overflow(out: Path, config: EvalConfig, comp) -> Overflow:
+    """What earlier invocations of this run found over the encoder limit (``overflow.json``)."""
+    path = out / "overflow.json"
+    if path.is_file():
+        found = Overflow.from_json(json.loads(path.read_text()))
+        if found.mode == config.on_overflow and found.limit == comp.encoder.max_tokens:
+            return found
+    return Overflow(config.on_overflow, comp.encoder.max_tokens)
 
 
 def _seed(seed: int) -> None:
@@ -165,15 +204,20 @@ def _baseline_is_base(comp: SemiDynamicCompressor, wanted: str) -> bool:
 
 
 def _run_pending(config: EvalConfig, comp, all_samples, pending: list[tuple[System, QASample]],
-                 log: ResultLog, baseline_base: bool, out: Path) -> dict:
-    """Answer every pending (system, question) pair; return what feature reads cost."""
-    needing = list({q.id: q for s, q in pending if s.uses_context}.values())
+                 log: ResultLog, baseline_base: bool, out: Path, overflow: Overflow) -> tuple[dict, list]:
+    """Answer every pending (system, question) pair; return what feature reads cost and the
+    pairs answered (those of questions skipped for an over-limit context left out)."""
+    # Every pending question is planned, the no-context ones too: on_overflow applies to all alike.
+    needing = list({q.id: q for s, q in pending}.values())
     ctx = plan_contexts(config, comp, all_samples, needing, out)
     try:
+        handle_overflow(config, comp, ctx, overflow)
+        atomic_write_text(out / "overflow.json", json.dumps(overflow.to_json(), indent=2) + "\n")
+        pending = [(s, q) for s, q in pending if q.id not in overflow.skipped_questions]
         plan = ctx.plan
         latent_ids = sorted({i for s, q in pending if s.needs_features for i in plan[q.id].corpus_ids})
         items = {i: ContextItem(t) for i, t in enumerate(ctx.texts)}
-        encode_contexts(config, comp, items, latent_ids, plan, ctx.features)
+        encode_contexts(config, comp, items, latent_ids, plan, ctx.features, encoded=ctx.encoded)
     finally:
         if ctx.retriever is not None and hasattr(ctx.retriever, "close"):
             ctx.retriever.close()
@@ -182,6 +226,8 @@ def _run_pending(config: EvalConfig, comp, all_samples, pending: list[tuple[Syst
         contexts = [items[i] for i in plan[q.id].corpus_ids] if system.uses_context else []
         return system.prepare(comp, q.question + config.question_suffix, contexts)
 
+    if not pending:
+        return {"contexts_encoded_or_read": 0}, pending
     if config.warmup:  # first calls pay one-off costs; keep them out of the timings
         s, q = pending[0]
         prep = prepare(s, q)
@@ -206,13 +252,15 @@ def _run_pending(config: EvalConfig, comp, all_samples, pending: list[tuple[Syst
                 new_tokens=gen.new_tokens, retrieve_s=retrieve_s, compress_s=prep.compress_s,
                 prefill_s=gen.prefill_s, decode_s=gen.decode_s, ttft_s=retrieve_s + prep.compress_s + gen.prefill_s,
                 gold_retrieved=qp.gold_retrieved if qp is not None else None,
+                compress_cached_s=prep.compress_cached_s, compress_uncached_s=prep.compress_uncached_s,
+                extra=prep.extra,
             ))
         bar.update(len(group))
     bar.close()
     reads = {"contexts_encoded_or_read": len(latent_ids)}
     if isinstance(ctx.retriever, CorpusRetriever):
         reads.update(store_hits=ctx.retriever.hits, store_misses_encoded=ctx.retriever.encoded)
-    return reads
+    return reads, pending
 
 
 def _decode_groups(pending: list[tuple[System, QASample]], size: int):

@@ -6,7 +6,11 @@
 * ``fixed_x{F}``: every context pooled at factor F (``fixed_len{M}``: M latents, token backbones);
 * ``semi_dynamic_s{scale}``: the density head and selector choose each context's factor;
 * ``llmlingua2_x{F}``: LLMLingua-2 hard compression to 1/F of the tokens, read as text
-  (only when ``llmlingua`` is installed and its model can be loaded).
+  (only when ``llmlingua`` is installed and its model can be loaded);
+* ``truncate_x{F}``, ``sentence_optimizer_x{F}``, ``longllmlingua_x{F}``: text-pruning peers
+  at the same ratios (``peers``), run when named in ``families``;
+* ``progressive_*``: flat and coarse-to-fine reading at the latent budget of the top
+  ``budget_k`` contexts at each factor (``progressive``), run when named in ``families``.
 
 Latent systems start from ``ContextFeatures`` computed once per context (``comp.encode``) and
 derive their latents with ``comp.compress_features``, so one encoder pass serves every
@@ -28,7 +32,9 @@ from ..types import ContextFeatures
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("uncompressed", "no_context", "fixed", "semi_dynamic", "llmlingua2")
+DEFAULT_FAMILIES = ("uncompressed", "no_context", "fixed", "semi_dynamic", "llmlingua2")
+FAMILIES = (*DEFAULT_FAMILIES, "truncate", "sentence_optimizer", "longllmlingua",
+            "progressive_flat", "progressive_retriever", "progressive_attention", "progressive_likelihood")
 DEFAULT_LLMLINGUA_MODEL = "microsoft/llmlingua-2-bert-base-multilingual-cased-meetingbank"
 
 
@@ -39,6 +45,8 @@ class ContextItem:
     text: str
     features: ContextFeatures | None = None
     encode_s: float = 0.0  # this context's share of its encoder batch (or its cache read)
+    encode_pass_s: float | None = None  # share of an encoder pass over it (features not cached)
+    store_read_s: float | None = None  # share of reading its features from a latent store (cached)
 
 
 @dataclass
@@ -51,6 +59,10 @@ class Prepared:
     chunk_positions: list[int] = field(default_factory=list)
     factors: list[int | None] = field(default_factory=list)
     compress_s: float = 0.0
+    compress_cached_s: float | None = None  # latent systems: derive + latent-store read
+    compress_uncached_s: float | None = None  # latent systems: derive + encoder pass
+    texts: list[str] | None = None  # text systems that prune: what the decoder reads per context
+    extra: dict | None = None  # system-specific figures kept in samples.jsonl (progressive reads)
 
 
 class System(ABC):
@@ -139,10 +151,16 @@ class _LatentSystem(System):
         _sync(comp)
         derive_s = time.perf_counter() - t0
         ids = comp.decoder.encode_prompts([comp.decoder.render(question, len(compressed))])[0]
+
+        def cost(attr: str) -> float | None:
+            shares = [getattr(c, attr) for c in contexts]
+            return None if None in shares else derive_s + sum(shares)
+
         return Prepared(
             ids, [c.latents for c in compressed], [c.n_tokens for c in compressed],
             [c.n_latents for c in compressed], [c.factor for c in compressed],
             compress_s=derive_s + sum(c.encode_s for c in contexts),
+            compress_cached_s=cost("store_read_s"), compress_uncached_s=cost("encode_pass_s"),
         )
 
 
@@ -202,12 +220,17 @@ def build_systems(
     scales: Sequence[float] = (),
     llmlingua: str = "auto",
     llmlingua_model: str = DEFAULT_LLMLINGUA_MODEL,
+    scorer: str | None = None,
+    budget_k: int = 5,
 ) -> tuple[list[System], dict[str, str]]:
     """The systems to run, in report order, and {family: reason} for those left out.
 
     ``factors`` default to the compressor's candidates; ``llmlingua`` is ``auto`` (run it when
-    it loads, else skip with the reason), ``on`` (raise when it cannot) or ``off``.
-    Raises ValueError for unknown families or factors the backbone cannot take.
+    it loads, else skip with the reason), ``on`` (raise when it cannot) or ``off``; ``scorer``
+    is LongLLMLingua's causal LM (default: the decoder's base model); ``budget_k``: progressive
+    systems get the latent budget of the top ``budget_k`` contexts at each factor.
+    Raises ValueError for unknown families or factors the backbone cannot take, EvalError for
+    a text-pruning peer that cannot load.
     """
     unknown = set(families) - set(FAMILIES)
     if unknown:
@@ -242,6 +265,16 @@ def build_systems(
             logger.info("LLMLingua-2 baseline skipped (%s)", skipped["llmlingua2"])
         else:
             systems += [LLMLingua2(lingua, f) for f in factors]
+    from .peers import PEER_FAMILIES, build_peers  # peers build on this module's System
+
+    peers = [f for f in PEER_FAMILIES if f in families]
+    if peers and takes != "factor":
+        raise ValueError(f"{', '.join(peers)} at matching ratios need a mean-pooling compressor (fixed factors)")
+    if peers:
+        systems += build_peers(comp, peers, factors, scorer=scorer)
+    from .progressive import PROGRESSIVE_FAMILIES, build_progressive  # budget-matched progressive reading
+
+    systems += build_progressive(comp, [f for f in PROGRESSIVE_FAMILIES if f in families], factors, budget_k)
     names = [s.name for s in systems]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate systems in {names} (repeated factors or scales?)")

@@ -5,7 +5,8 @@ LlamaIndex passes the LLM a text prompt. ``SemiDynamicLLM`` hands it to the shar
 placeholder and decodes with that chunk's latents there; the rest of the prompt stays text.
 Token accounting of each call (text tokens, latent slots, factors per node, prefill tokens saved
 against the uncompressed prompt) is in ``response.additional_kwargs["semidyn_usage"]`` and in
-``llm.last_usage``.
+``llm.last_usage``. ``backend="vllm"`` (with ``vllm_url`` for a server) decodes on vLLM instead of
+Hugging Face ``generate``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class SemiDynamicLLM(CustomLLM):
     )
     model_name: str = Field(default="semidyn-rag", description="Name reported in metadata.")
     generate_kwargs: dict = Field(default_factory=dict, description="Extra arguments for generate().")
+    backend: str = Field(default="transformers", description="Who decodes: transformers (the compressor's decoder) "
+                         "or vllm (a vLLM engine in this process, or the server at vllm_url).")
+    vllm_url: Optional[str] = Field(default=None, description="A `vllm serve MODEL --enable-prompt-embeds` "
+                                    "server, e.g. http://gpu-host:8000 (with backend='vllm').")
 
     _session: Any = PrivateAttr(default=None)
     _usage: Optional[dict] = PrivateAttr(default=None)
@@ -47,6 +52,11 @@ class SemiDynamicLLM(CustomLLM):
     def __init__(self, session: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._session = session
+        if self.backend != "transformers" or self.vllm_url:
+            from semidyn_rag.serving import make_backend
+
+            # the session decodes for this LLM only: it now decodes through the chosen backend
+            session.backend = make_backend(session.compressor, self.backend, vllm_url=self.vllm_url)
 
     @classmethod
     def class_name(cls) -> str:
@@ -63,21 +73,26 @@ class SemiDynamicLLM(CustomLLM):
 
     @property
     def last_usage(self) -> Optional[dict]:
-        """Token accounting of the latest call (see ``PromptUsage.to_dict``)."""
+        """Token accounting of the latest call (see ``PromptUsage.to_dict``); with progressive
+        reading, ``progressive`` lists each node's read (scan and final factor, why)."""
         return self._usage
+
+    def _with_progress(self, prompt: str, usage: dict) -> dict:
+        notes = self._session.progress_notes(prompt)
+        return {**usage, "progressive": notes} if notes else usage
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         text, usage = self._session.answer(prompt, max_new_tokens=self.max_new_tokens,
                                            **{**self.generate_kwargs, **kwargs})
-        self._usage = usage.to_dict()
+        self._usage = self._with_progress(prompt, usage.to_dict())
         return CompletionResponse(text=text, additional_kwargs={"semidyn_usage": self._usage})
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         pieces, usage = self._session.stream(prompt, max_new_tokens=self.max_new_tokens,
                                              **{**self.generate_kwargs, **kwargs})
-        self._usage = usage.to_dict()
+        self._usage = self._with_progress(prompt, usage.to_dict())
 
         def gen() -> CompletionResponseGen:
             text = ""
@@ -88,7 +103,8 @@ class SemiDynamicLLM(CustomLLM):
         return gen()
 
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        # Decoding runs in a worker thread so the event loop stays free.
+        # Decoding waits in a worker thread so the event loop stays free (a vLLM backend batches
+        # concurrent calls in its engine or server).
         return await asyncio.to_thread(self.complete, prompt, formatted, **kwargs)
 
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:

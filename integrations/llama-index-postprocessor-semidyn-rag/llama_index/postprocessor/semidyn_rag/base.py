@@ -4,6 +4,11 @@ All logic lives in ``semidyn_rag.session.CompressionSession``; this class only a
 LlamaIndex nodes to it. Node ids, scores, text, metadata and relationships are kept; each node
 is a shallow copy marked with ``semidyn_*`` metadata (cache key, tokens, latents, factor, cache
 hit) that is excluded from the LLM and embedding text. No tensor ever enters a node.
+
+With ``progressive=True`` the nodes are read coarse-to-fine within ``max_latents``
+(``CompressionSession.read_progressive``): every node is scanned coarsely, the relevant ones
+are re-read finely or as text, the rest stay coarse, and nodes the budget cannot hold are
+left out of the result; each kept node's metadata says how it was read and why.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ class SemiDynamicCompressPostprocessor(BaseNodePostprocessor):
     compressor_path: Optional[str] = Field(default=None, description="Checkpoint folder or hub id.")
     store_path: Optional[str] = Field(default=None, description="Latent store file or corpus directory.")
     device: Optional[str] = Field(default=None, description="Device for the compressor (None: auto).")
+    progressive: bool = Field(default=False, description="Coarse-to-fine reading within max_latents: scan every "
+                              "node coarsely, re-read the relevant ones finely or as text, drop what does not fit.")
+    signal: str = Field(default="retriever", description="Progressive: which nodes matter (retriever, attention, "
+                        "likelihood).")
+    max_expand: int = Field(default=2, description="Progressive: nodes re-read finer than the coarse factor, at most.")
 
     _session: Any = PrivateAttr(default=None)
 
@@ -56,6 +66,8 @@ class SemiDynamicCompressPostprocessor(BaseNodePostprocessor):
         if not nodes:
             return []
         texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in nodes]
+        if self.progressive:
+            return self._progressive(nodes, texts, query_bundle)
         results = self._session.compress_chunks(
             texts, scale=self.scale, max_latents=self.max_latents, min_tokens=self.min_chunk_tokens
         )
@@ -63,6 +75,28 @@ class SemiDynamicCompressPostprocessor(BaseNodePostprocessor):
         for item, res in zip(nodes, results):
             meta = res.to_metadata()
             node = item.node.model_copy()  # the docstore's node is never modified
+            node.metadata = {**item.node.metadata, **meta}
+            node.excluded_llm_metadata_keys = _union(item.node.excluded_llm_metadata_keys, meta)
+            node.excluded_embed_metadata_keys = _union(item.node.excluded_embed_metadata_keys, meta)
+            out.append(NodeWithScore(node=node, score=item.score))
+        return out
+
+    def _progressive(self, nodes: List[NodeWithScore], texts: List[str],
+                     query_bundle: Optional[QueryBundle]) -> List[NodeWithScore]:
+        if query_bundle is None or not query_bundle.query_str.strip():
+            raise ValueError("progressive mode needs the query (call it with a QueryBundle)")
+        if self.max_latents is None:
+            raise ValueError("progressive mode needs max_latents (the budget of the coarse-to-fine read)")
+        scores = [n.score for n in nodes]
+        plan = self._session.read_progressive(
+            query_bundle.query_str, texts, max_latents=self.max_latents,
+            scores=None if any(s is None for s in scores) else scores, signal=self.signal, max_expand=self.max_expand)
+        out = []
+        for item, read in zip(nodes, plan.chunks):
+            if read.read == "dropped":  # pasted as text it would break the budget
+                continue
+            meta = read.to_metadata()
+            node = item.node.model_copy()
             node.metadata = {**item.node.metadata, **meta}
             node.excluded_llm_metadata_keys = _union(item.node.excluded_llm_metadata_keys, meta)
             node.excluded_embed_metadata_keys = _union(item.node.excluded_embed_metadata_keys, meta)
