@@ -68,6 +68,7 @@ def write_random_docs(root: str | Path, n: int, seed: int = 0, words: tuple[int,
     import random
 
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i in range(n):
         sents = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(*words))).capitalize() + "."
