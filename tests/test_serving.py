@@ -74,9 +74,11 @@ def test_new_tokens_are_fitted_to_max_model_len():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
-def test_missing_vllm_says_how_to_install_it(compressor):
+def test_missing_vllm_says_how_to_install_it(compressor, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMIDYN_RAG_CACHE", str(tmp_path))
     with pytest.raises(VLLMNotInstalledError, match=r"make \.venv-vllm"):
         make_backend(compressor, "vllm")
+    assert not (tmp_path / "decoders").exists()  # nothing exported for an engine that cannot start
     with pytest.raises(ValueError, match="unknown decoder backend"):
         make_backend(compressor, "tgi")
 

@@ -83,6 +83,7 @@ class VLLMBackend(DecoderBackend):
         """
         from .export import served_decoder_path
 
+        import_vllm()  # before exporting: no merged copy is written for an engine that cannot start
         kwargs.setdefault("dtype", str(compressor.dtype).removeprefix("torch."))
         return cls(compressor.decoder, served_decoder_path(compressor, base=base), **kwargs)
 
