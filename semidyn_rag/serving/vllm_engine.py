@@ -131,13 +131,17 @@ class VLLMBackend(DecoderBackend):
         """Yield text pieces of one prompt's answer as the engine produces its tokens."""
         (r,) = self._submit([prompt_ids], [latents], max_new_tokens, generate_kwargs)
         tok, sent = self.decoder.tokenizer, 0
-        while True:
-            r.wait()
-            piece, sent = incremental_text(tok, r.tokens, sent)
-            if piece:
-                yield piece
-            if r.done:
-                break
+        try:
+            while True:
+                r.wait()
+                piece, sent = incremental_text(tok, r.tokens, sent)
+                if piece:
+                    yield piece
+                if r.done:
+                    break
+        finally:
+            if not r.done and self._loop is not None:  # the reader stopped early: free the engine's slot
+                self._loop.abort(r)
         tail = tok.decode(r.tokens, skip_special_tokens=True)[sent:]
         if tail:
             yield tail
@@ -247,11 +251,22 @@ class _EngineLoop:
         self._inbox.put(r)
         return r
 
+    def abort(self, r: _Request) -> None:
+        """Drop a request nobody waits for any more (done by the engine thread)."""
+        self._inbox.put(("abort", r))
+
     def stop(self) -> None:
         self._inbox.put(None)
         self._thread.join(timeout=60)
 
-    def _add(self, r: _Request) -> None:
+    def _add(self, r) -> None:
+        if isinstance(r, tuple):  # ("abort", request)
+            rid = next((k for k, v in self._live.items() if v is r[1]), None)
+            if rid is not None:
+                self.engine.abort_request([rid])
+                del self._live[rid]
+                r[1].update(None, True)
+            return
         rid = f"semidyn-{next(self._ids)}"
         try:
             render = getattr(self.llm, "_preprocess_cmpl_one", None)  # vLLM >= 0.30 renders before adding

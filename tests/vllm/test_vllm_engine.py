@@ -76,6 +76,11 @@ def test_stream_and_async_give_the_same_text(vllm_compressor, engine):
         return done[0].text, "".join(streamed)
 
     assert asyncio.run(run()) == (want, want)
+    early = engine.stream(ids[0], latents[0], 200)  # a reader that stops after the first piece
+    next(early)
+    early.close()
+    assert engine.complete([ids[0]], [latents[0]], NEW)[0].text == want
+    assert engine.llm.llm_engine.get_num_unfinished_requests() == 0  # the abandoned request was aborted
 
 
 def test_session_answers_through_the_vllm_backend(vllm_compressor, engine):
