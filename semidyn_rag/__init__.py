@@ -12,6 +12,7 @@ from .pipeline.encoder import ContextTooLongError
 from .evaluation import EvalConfig, run_evaluation
 from .pipeline.placeholder import PlaceholderCountError
 from .pipeline.selector import DiscreteRatioSelector
+from .progressive import ProgressiveReader, ReadPlan
 from .session import ChunkCompression, CompressionSession, PromptUsage, open_session
 from .store import CorruptEntryError, LatentStore, chunk_key, normalize_text
 from .training import TrainConfig, TrainingRecord, load_records
@@ -37,7 +38,9 @@ __all__ = [
     "LoraSettings",
     "PlaceholderCountError",
     "PrecompressStats",
+    "ProgressiveReader",
     "PromptUsage",
+    "ReadPlan",
     "SemiDynamicCompressor",
     "TrainConfig",
     "TrainingRecord",

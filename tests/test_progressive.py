@@ -350,3 +350,31 @@ def test_llama_index_progressive_nodes_and_usage(stored, monkeypatch):
     assert _find(seen["embeds"][0], fine) and session.registered(CHUNKS[0]).factor == top.metadata["semidyn_factor"]
     with pytest.raises(ValueError, match="max_latents"):
         SemiDynamicCompressPostprocessor(session=session, progressive=True).postprocess_nodes(nodes, QueryBundle("q"))
+
+
+def test_budget_report_counts_gold_reads_and_paired_wins(tmp_path):
+    from semidyn_rag.evaluation.progressive_report import budget_report, markdown, plot
+
+    def line(system, qid, correct, reads, scan=0):
+        return json.dumps({"system": system, "sample_id": qid, "prediction": "", "answers": ["a"], "correct": correct,
+                           "exact_match": 0.0, "f1": float(correct), "prefill_tokens": 50, "prefill_s": 0.1,
+                           "ttft_s": 0.2, "extra": {"budget": 40, "used": 38, "scan_positions": scan, "scan_s": 0.0,
+                                                    "signal": "x", "reads": reads}})
+
+    flat = [[0, 4, 0], [1, 4, 0]]
+    prog = [[0, 1, 1], [1, 16, 0], [2, 0, 0], [3, 16, 0]]
+    rows = [line("progressive_flat_top2_x4", "q1", False, flat), line("progressive_flat_top2_x4", "q2", True, flat),
+            line("progressive_attention_b2x4", "q1", True, prog, scan=70),
+            line("progressive_attention_b2x4", "q2", True, prog, scan=70)]
+    (tmp_path / "samples.jsonl").write_text("\n".join(rows) + "\n")
+    flags = {"q1": [False, False, False, True], "q2": [True, False, False, False]}  # q1's gold is read coarse
+    rep = budget_report(tmp_path, flags)
+    by = {s["system"]: s for s in rep["systems"]}
+    att, top = by["progressive_attention_b2x4"], by["progressive_flat_top2_x4"]
+    assert (att["kind"], att["budget_factor"], top["kind"]) == ("attention", 4, "flat_top")
+    assert att["gold_recall_read"] == 1.0 and att["gold_recall_expanded"] == 0.5 and top["gold_recall_read"] == 0.5
+    assert att["chunks_read"] == 3 and att["chunks_expanded"] == 1 and att["chunks_as_text"] == 1
+    assert att["prefill_positions"] == 120 and att["vs_flat_top"]["wins"] == 1 and att["vs_flat_top"]["losses"] == 0
+    assert "| attention | 100.0% |" in markdown(rep)
+    plot(rep, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,8 +9,10 @@ Two studies over a rag setting with a ``precompress`` corpus:
   wins and losses against flat top-n reading at the same budget. Writes ``progressive.json``
   and ``progressive.png`` (accuracy against the mean latent budget, one curve per reading).
 * ``signals``: for each question, where every relevance signal ranks the gold chunk among the
-  top-k retrieved (recall@m), with the scan's positions and time. One line per question in
-  ``signals.jsonl`` (rerun to resume), summary in ``signals.json``.
+  top-k retrieved (recall@m), with the scan's positions and time; a signal that reads the
+  chunks together is also run on them in reverse order (``*_reversed``), which separates
+  content from position.
+  One line per question in ``signals.jsonl`` (rerun to resume), summary in ``signals.json``.
 
 A chunk is gold when its text lies inside the question's own context (the rule ``eval`` uses).
 Run: ``python -m semidyn_rag.evaluation.progressive_report report|signals ...``.
@@ -24,7 +26,7 @@ import math
 import re
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -96,6 +98,7 @@ def budget_report(eval_dir: Path, flags: dict[str, list[bool]]) -> dict:
                 used=statistics.fmean(r["extra"]["used"] for r in ex),
                 chunks_read=statistics.fmean(len(x) for x in read),
                 chunks_expanded=statistics.fmean(len(x) for x in grown),
+                chunks_as_text=statistics.fmean(sum(fac == 1 for _, fac, _ in r["extra"]["reads"]) for r in ex),
                 gold_recall_read=statistics.fmean(any(f[i] for i in x if i < len(f)) for x, f in zip(read, fl)),
                 gold_recall_expanded=statistics.fmean(any(f[i] for i in x if i < len(f)) for x, f in zip(grown, fl)),
                 scan_positions=statistics.fmean(r["extra"]["scan_positions"] for r in ex),
@@ -121,6 +124,31 @@ def budget_report(eval_dir: Path, flags: dict[str, list[bool]]) -> dict:
     return {"eval_dir": str(eval_dir), "questions": len(flags), "systems": list(systems.values())}
 
 
+def markdown(report: dict) -> str:
+    """One row per system, grouped by budget: the figures of ``budget_report`` as a Markdown table."""
+    head = ("| budget (mean latents) | reading | acc | 95% CI | F1 | chunks read | expanded (as text) | "
+            "gold among read | gold among expanded | prefill positions (answer + scan) | "
+            "vs flat top: wins / losses (p) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    order = {"flat_top": 0, "flat_all": 1, "retriever": 2, "attention": 3, "likelihood": 4}
+    rows = sorted((s for s in report["systems"] if s.get("budget") is not None),
+                  key=lambda s: (s["budget_factor"] and -s["budget_factor"], order.get(s["kind"], 9)))
+    for s in rows:
+        vs = s.get("vs_flat_top")
+        lo, hi = s["accuracy_ci95"]
+        scan = f" ({s['answer_prefill_positions']:.0f} + {s['scan_positions']:.0f})" if s["scan_positions"] else ""
+        lines.append(
+            f"| {s['budget']:.0f} (top 5 at {s['budget_factor']}x) | {s['kind']} | {s['accuracy']:.1%} | "
+            f"{lo:.1%}-{hi:.1%} | {s['f1']:.3f} | {s['chunks_read']:.1f} | {s['chunks_expanded']:.2f} "
+            f"({s['chunks_as_text']:.2f}) | "
+            f"{s['gold_recall_read']:.1%} | {s['gold_recall_expanded']:.1%} | {s['prefill_positions']:.0f}{scan} | "
+            + (f"{vs['wins']} / {vs['losses']} ({vs['sign_test_p']:.2f})" if vs else "-") + " |")
+    base = next((s for s in report["systems"] if s["system"] == "no_context"), None)
+    if base:
+        lines.append(f"\nNo context: {base['accuracy']:.1%} ({base['n']} questions).")
+    return "\n".join(lines) + "\n"
+
+
 def plot(report: dict, path: Path) -> None:
     """Accuracy against the mean latent budget, a curve per reading, 95% intervals as error bars."""
     import matplotlib
@@ -132,23 +160,30 @@ def plot(report: dict, path: Path) -> None:
     labels = {"flat_top": "flat, top 5 at F (reference)", "flat_all": "flat, all 20 at the factor that fits",
               "retriever": "progressive, retriever scores", "attention": "progressive, attention mass",
               "likelihood": "progressive, question likelihood"}
-    for kind, label in labels.items():
-        pts = sorted((s["budget"], s["accuracy"], s["accuracy_ci95"]) for s in report["systems"]
+    ticks = {}
+    for j, (kind, label) in enumerate(labels.items()):
+        pts = sorted((s["budget"], s["accuracy"], s["accuracy_ci95"], s["budget_factor"]) for s in report["systems"]
                      if s["kind"] == kind and s.get("budget") is not None)
         if not pts:
             continue
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ticks.update({p[0]: p[3] for p in pts if kind == "flat_top"})
+        xs, ys = [p[0] * 2 ** ((j - 2) * 0.025) for p in pts], [p[1] for p in pts]  # side by side, not stacked
         err = [[y - p[2][0] for y, p in zip(ys, pts)], [p[2][1] - y for y, p in zip(ys, pts)]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, alpha=0.85)
     base = next((s for s in report["systems"] if s["system"] == "no_context"), None)
     if base and base["accuracy"] is not None:
         ax.axhline(base["accuracy"], color="grey", ls="--", lw=1, label="no context")
     ax.set_xscale("log", base=2)
+    if ticks:
+        ax.set_xticks(list(ticks), [f"{b:.0f}\n(top 5 at {f}x)" for b, f in ticks.items()])
+        ax.minorticks_off()
     ax.set_xlabel("latent budget per question (decoder positions for chunks, mean)")
     ax.set_ylabel("substring accuracy")
     ax.set_title(f"Flat vs progressive reading at equal budgets ({report['questions']} questions)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.35 * (hi - lo))  # room for the legend above the curves
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
@@ -182,24 +217,32 @@ def signal_study(args) -> dict:
             coarse = comp.compress_features(feats, **{comp.pooling.takes: ProgressiveReader(comp).coarse})
             row = {"id": q.id, "gold": gold}
             for sig in signals:
-                t0 = time.perf_counter()
-                rel, pos = sig.relevance(comp, q.question + args.question_suffix, coarse if sig.needs_scan else None,
-                                         [h.score for h in hits], len(hits))
-                order = sorted(range(len(rel)), key=lambda i: (-rel[i], i))
-                ranks = [order.index(i) + 1 for i, g in enumerate(gold) if g]
-                row[sig.name] = {"gold_rank": min(ranks) if ranks else None, "positions": pos,
-                                 "seconds": round(time.perf_counter() - t0, 4)}
+                # a signal that reads the chunks together also reads them in reverse order: what follows
+                # position, not content, flips
+                for name, flip in ((sig.name, False), (f"{sig.name}_reversed", True)) if sig.order_matters else (
+                        (sig.name, False),):
+                    t0 = time.perf_counter()
+                    rel, pos = sig.relevance(comp, q.question + args.question_suffix,
+                                             (coarse[::-1] if flip else coarse) if sig.needs_scan else None,
+                                             [h.score for h in hits], len(hits))
+                    rel = rel[::-1] if flip else rel
+                    order = sorted(range(len(rel)), key=lambda i: (-rel[i], i))
+                    ranks = [order.index(i) + 1 for i, g in enumerate(gold) if g]
+                    row[name] = {"gold_rank": min(ranks) if ranks else None, "positions": pos,
+                                 "seconds": round(time.perf_counter() - t0, 4), "top": order[:3]}
             f.write(json.dumps(row) + "\n")
             f.flush()
             done[q.id] = row
     rows = list(done.values())
     summary = {"questions": len(rows), "gold_in_top_k": sum(any(r["gold"]) for r in rows), "k": args.k}
-    for sig in args.signals:
+    names = [n for s in signals for n in ((s.name, f"{s.name}_reversed") if s.order_matters else (s.name,))]
+    for sig in names:
         got = [r[sig] for r in rows if sig in r]
         summary[sig] = {f"recall@{m}": sum(g["gold_rank"] is not None and g["gold_rank"] <= m for g in got) / len(got)
                         for m in (1, 2, 3, 5, 10)} | {
             "scan_positions": statistics.fmean(g["positions"] for g in got),
-            "seconds_median": statistics.median(g["seconds"] for g in got)}
+            "seconds_median": statistics.median(g["seconds"] for g in got),
+            "top1_position": dict(sorted(Counter(g["top"][0] for g in got).most_common(5)))}
     atomic_write_text(out / "signals.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -234,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = budget_report(args.eval_dir, flags)
     atomic_write_text(args.eval_dir / "progressive.json", json.dumps(rep, indent=2) + "\n")
     plot(rep, args.eval_dir / "progressive.png")
+    atomic_write_text(args.eval_dir / "progressive.md", markdown(rep))
     for s in rep["systems"]:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}))
     return 0
