@@ -75,3 +75,17 @@ def write_random_docs(root: str | Path, n: int, seed: int = 0, words: tuple[int,
                  for _ in range(rng.randint(3, 6))]
         (root / f"doc{i:02d}.txt").write_text(" ".join(sents))
     return root
+
+
+class CaptureGenerate:
+    """Wraps a decoder's ``generate`` to record the input embeddings it receives (for tests that
+    assert the latents sit where the placeholders were)."""
+
+    def __init__(self, decoder):
+        self.calls = []
+        self._orig = decoder.model.generate
+        decoder.model.generate = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(kwargs["inputs_embeds"].detach().clone())
+        return self._orig(*args, **kwargs)

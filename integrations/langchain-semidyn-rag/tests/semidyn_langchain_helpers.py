@@ -13,6 +13,8 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
 
+from semidyn_rag.testing import CaptureGenerate as Capture  # noqa: F401 (re-exported to the tests)
+
 TEXTS = [
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It was built in 1889.",
     "Mount Everest is Earth's highest mountain above sea level, located in the Mahalangur Himal of the Himalayas.",
@@ -55,19 +57,6 @@ def rag_chain(retriever, compressor, llm):
     inputs = RunnableLambda(lambda x: {"context": format_docs(x["docs"]), "question": x["question"]})
     return RunnableParallel(docs=RunnableLambda(retrieve, afunc=aretrieve), question=RunnablePassthrough()).assign(
         answer=inputs | PROMPT | llm)
-
-
-class Capture:
-    """Wraps the decoder's generate to record the input embeddings it receives."""
-
-    def __init__(self, decoder):
-        self.calls = []
-        self._orig = decoder.model.generate
-        decoder.model.generate = self
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append(kwargs["inputs_embeds"].detach().clone())
-        return self._orig(*args, **kwargs)
 
 
 def expected_embeds(session, prompt: str, texts: list[str]) -> tuple[torch.Tensor, list]:

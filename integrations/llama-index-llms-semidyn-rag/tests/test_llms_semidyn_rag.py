@@ -11,24 +11,12 @@ from llama_index.postprocessor.semidyn_rag import SemiDynamicCompressPostprocess
 
 from semidyn_rag.session import CompressionSession
 from semidyn_rag.store import LatentStore
+from semidyn_rag.testing import CaptureGenerate as Capture
 
 def _engine(index, session, **kw):
     pp = SemiDynamicCompressPostprocessor(session=session, min_chunk_tokens=1)
     llm = SemiDynamicLLM(session=pp.session, max_new_tokens=6)
     return index.as_query_engine(node_postprocessors=[pp], llm=llm, similarity_top_k=2, **kw), pp, llm
-
-
-class Capture:
-    """Wraps the decoder's generate to record the input embeddings it receives."""
-
-    def __init__(self, decoder):
-        self.calls = []
-        self._orig = decoder.model.generate
-        decoder.model.generate = self
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append(kwargs["inputs_embeds"].detach().clone())
-        return self._orig(*args, **kwargs)
 
 
 @pytest.mark.parametrize("mode", ["compact", "simple_summarize"])
