@@ -331,6 +331,24 @@ def test_a_resumed_folder_must_hold_the_same_run(tmp_path, dataset, comp):
     assert (more.computed, more.reused) == (len(ROWS), len(ROWS))
 
 
+def test_answers_from_another_decoder_backend_are_not_mixed_in(tmp_path, dataset, comp):
+    from semidyn_rag.evaluation.decoding import decoding_backends
+    from semidyn_rag.serving import TransformersBackend
+
+    class OtherBackend(TransformersBackend):  # stands for vLLM: same answers, another engine
+        name = "vllm"
+
+    out = tmp_path / "o"
+    run_evaluation(_config(dataset, out, systems=["fixed"], factors=[4]), compressor=comp)
+    with decoding_backends(OtherBackend(comp.decoder)):
+        with pytest.raises(EvalError, match="differs in: decoder_backend"):
+            run_evaluation(_config(dataset, out, systems=["fixed"], factors=[4]), compressor=comp)
+        done = run_evaluation(_config(dataset, tmp_path / "v", systems=["fixed"], factors=[4]), compressor=comp)
+    assert done.computed == len(ROWS)
+    assert json.loads((tmp_path / "v" / "run.json").read_text())["decoder_backend"] == "vllm"
+    assert "decoder_backend" not in json.loads((out / "run.json").read_text())
+
+
 # -- report and CLI parsing --------------------------------------------------------------------------
 
 

@@ -56,8 +56,6 @@ def run(args: argparse.Namespace) -> int:
         backend_name, vllm_url = backend_choice(args)
     except argparse.ArgumentTypeError as e:
         return fail(str(e), 2)
-    if args.progressive and backend_name != "transformers":
-        return fail("--backend vllm does not apply to --progressive (its reader decodes with the compressor)", 2)
     k = args.k if args.k is not None else query_progressive.PROGRESSIVE_K if args.progressive else 5
     try:
         corpus = CorpusDirectory(args.dir)
@@ -90,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             return fail("the corpus directory holds no chunks", 1)
         if args.progressive:
             try:
-                result = query_progressive.answer(args, corpus, comp, hits)
+                result = query_progressive.answer(args, corpus, comp, hits, backend_name, vllm_url)
             except ValueError as e:
                 return fail(str(e), 2)
             print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else query_progressive.render(result))

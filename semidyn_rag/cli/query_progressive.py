@@ -45,15 +45,22 @@ def check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def answer(args: argparse.Namespace, corpus, comp, hits) -> dict:
-    """Read ``hits`` progressively and answer; the result as plain data. Raises ValueError."""
+def answer(args: argparse.Namespace, corpus, comp, hits, backend_name: str = "transformers",
+           vllm_url: str | None = None) -> dict:
+    """Read ``hits`` progressively and answer; the result as plain data. Raises ValueError.
+
+    The plan runs on the compressor; the answer is decoded by the chosen backend.
+    """
     from ..progressive import ProgressiveReader
+    from ..serving import make_backend
 
     fetched = corpus.features(hits, comp)
     texts = [h.chunk.text for h in hits]
     reader = ProgressiveReader(comp, signal=args.signal, max_expand=args.max_expand, allow_text=not args.no_text)
-    text, plan = reader.answer(args.question, fetched.features, max_latents=args.max_latents, texts=texts,
-                               scores=[h.score for h in hits], max_new_tokens=args.max_new_tokens)
+    with make_backend(comp, backend_name, vllm_url=vllm_url) as backend:
+        text, plan = reader.answer(args.question, fetched.features, max_latents=args.max_latents, texts=texts,
+                                   scores=[h.score for h in hits], max_new_tokens=args.max_new_tokens,
+                                   backend=backend)
     sources = []
     for hit, c in zip(hits, plan.chunks):
         words = hit.chunk.text.split()

@@ -84,6 +84,12 @@ def decoding_backends(tuned, base=None):
         _ROUTED.reset(token)
 
 
+def routed_backend() -> str | None:
+    """The name of the backend answers are decoded with inside ``decoding_backends``; None outside."""
+    routes = _ROUTED.get()
+    return None if routes is None else getattr(routes["tuned"], "name", type(routes["tuned"]).__name__)
+
+
 def _routed_generate(routes: dict, decoder: LatentDecoder, prompt_ids, latents, max_new_tokens: int,
                      base: bool) -> list[Generation]:
     """``timed_generate_batch`` on a backend: per-question shares of the batch's first-token and end times."""

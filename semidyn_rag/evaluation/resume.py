@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .datasets import QASample
+from .decoding import routed_backend
 from .errors import EvalError
 from .records import ResultLog
 from .systems import System
@@ -31,7 +32,7 @@ def run_key(config: EvalConfig, comp, samples: Sequence[QASample], baseline_base
     h = hashlib.sha256()
     for s in samples:
         h.update(json.dumps([s.id, s.question, list(s.answers), s.context]).encode())
-    return {
+    key = {
         "dataset": config.dataset, "split": config.split, "dataset_digest": h.hexdigest()[:32],
         "seed": config.seed, "setting": config.setting,
         "k": config.k if config.setting == "rag" else None,
@@ -42,6 +43,12 @@ def run_key(config: EvalConfig, comp, samples: Sequence[QASample], baseline_base
         "decode_batch_size": config.decode_batch_size,
         "baseline_fingerprint": _baseline_fingerprint(comp, config),
     }
+    # answers decoded by another backend (vLLM, bf16 kernels) are not interchangeable; recorded only
+    # when not transformers, so the keys of existing folders still match
+    backend = routed_backend()
+    if backend not in (None, "transformers"):
+        key["decoder_backend"] = backend
+    return key
 
 
 def _baseline_fingerprint(comp, config: EvalConfig) -> str:

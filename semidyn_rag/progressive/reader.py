@@ -130,9 +130,17 @@ class ProgressiveReader:
 
     def answer(self, question: str, features: Sequence[ContextFeatures], *, max_latents: int,
                texts: Sequence[str] | None = None, scores: Sequence[float] | None = None,
-               max_new_tokens: int = 64, **generate_kwargs) -> tuple[str, ReadPlan]:
-        """Plan, read and answer; returns the answer text and the plan."""
+               max_new_tokens: int = 64, backend=None, **generate_kwargs) -> tuple[str, ReadPlan]:
+        """Plan, read and answer; returns the answer text and the plan.
+
+        The plan (scan, signal, expansions) always runs on the compressor; ``backend`` (a
+        ``semidyn_rag.serving`` decoder backend, e.g. vLLM) decodes the answer when given.
+        """
         plan = self.plan(question, features, max_latents=max_latents, texts=texts, scores=scores)
         ids, contexts = self.inputs(question, plan, features, texts)
-        (text,) = self.comp.generate_ids([ids], [contexts], max_new_tokens=max_new_tokens, **generate_kwargs)
+        if backend is None:
+            (text,) = self.comp.generate_ids([ids], [contexts], max_new_tokens=max_new_tokens, **generate_kwargs)
+        else:
+            (text,) = backend.generate([ids], self.comp.context_latents([ids], [contexts]),
+                                       max_new_tokens=max_new_tokens, **generate_kwargs)
         return text, plan

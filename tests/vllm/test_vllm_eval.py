@@ -54,6 +54,13 @@ def test_query_with_a_vllm_server_answers_as_transformers(vllm_compressor, vllm_
     assert main([*ask, "--vllm-url", vllm_servers[0]]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["answer"] == want["answer"] and got["compression"]["latents"] == want["compression"]["latents"] > 0
+    # progressive reading: the plan runs on the compressor, the answer is decoded by the server
+    prog = [*ask, "--progressive", "--max-latents", "12"]
+    assert main(prog) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main([*prog, "--vllm-url", vllm_servers[0]]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["answer"] == want["answer"] and got["sources"] == want["sources"]
     assert main([*ask, "--backend", "transformers", "--vllm-url", vllm_servers[0]]) == 2
     assert main([*ask, "--vllm-url", vllm_servers[1]]) == 1  # the server without prompt embeddings
     assert "--enable-prompt-embeds" in capsys.readouterr().err

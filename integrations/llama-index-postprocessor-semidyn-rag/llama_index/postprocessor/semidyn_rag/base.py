@@ -14,51 +14,32 @@ left out of the result; each kept node's metadata says how it was read and why.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, List, Optional
+from typing import List, Optional
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
+from semidyn_rag.session_settings import SessionSettings
 
-class SemiDynamicCompressPostprocessor(BaseNodePostprocessor):
+
+class SemiDynamicCompressPostprocessor(SessionSettings, BaseNodePostprocessor):
     """Compress retrieved nodes with a semi-dynamic soft compressor (one node, one context).
 
-    Pass a ``session`` (shared with ``SemiDynamicLLM``), or build one from ``compressor`` /
+    Its settings and the session it opens are ``semidyn_rag.session_settings.SessionSettings``'s:
+    pass a ``session`` (shared with ``SemiDynamicLLM``), or build one from ``compressor`` /
     ``compressor_path`` and an optional ``store_path`` (a latent store file or corpus folder).
     """
 
-    scale: float = Field(default=0.0, description="Shift of every chunk's log2 factor: <0 fidelity, >0 efficiency.")
-    max_latents: Optional[int] = Field(default=None, description="Budget on total latent slots per query.")
-    min_chunk_tokens: int = Field(default=8, description="Chunks shorter than this stay text.")
-    compressor_path: Optional[str] = Field(default=None, description="Checkpoint folder or hub id.")
-    store_path: Optional[str] = Field(default=None, description="Latent store file or corpus directory.")
-    device: Optional[str] = Field(default=None, description="Device for the compressor (None: auto).")
     progressive: bool = Field(default=False, description="Coarse-to-fine reading within max_latents: scan every "
                               "node coarsely, re-read the relevant ones finely or as text, drop what does not fit.")
     signal: str = Field(default="retriever", description="Progressive: which nodes matter (retriever, attention, "
                         "likelihood).")
     max_expand: int = Field(default=2, description="Progressive: nodes re-read finer than the coarse factor, at most.")
 
-    _session: Any = PrivateAttr(default=None)
-
-    def __init__(self, session: Any = None, compressor: Any = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if session is None:
-            from semidyn_rag.session import open_session
-
-            session = open_session(compressor=compressor, compressor_path=self.compressor_path,
-                                   store_path=self.store_path, device=self.device)
-        self._session = session
-
     @classmethod
     def class_name(cls) -> str:
         return "SemiDynamicCompressPostprocessor"
-
-    @property
-    def session(self):
-        """The ``CompressionSession`` to hand to ``SemiDynamicLLM``."""
-        return self._session
 
     def _postprocess_nodes(
         self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
@@ -68,18 +49,8 @@ class SemiDynamicCompressPostprocessor(BaseNodePostprocessor):
         texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in nodes]
         if self.progressive:
             return self._progressive(nodes, texts, query_bundle)
-        results = self._session.compress_chunks(
-            texts, scale=self.scale, max_latents=self.max_latents, min_tokens=self.min_chunk_tokens
-        )
-        out = []
-        for item, res in zip(nodes, results):
-            meta = res.to_metadata()
-            node = item.node.model_copy()  # the docstore's node is never modified
-            node.metadata = {**item.node.metadata, **meta}
-            node.excluded_llm_metadata_keys = _union(item.node.excluded_llm_metadata_keys, meta)
-            node.excluded_embed_metadata_keys = _union(item.node.excluded_embed_metadata_keys, meta)
-            out.append(NodeWithScore(node=node, score=item.score))
-        return out
+        results = self.compress_texts(texts)
+        return [_marked(item, res.to_metadata()) for item, res in zip(nodes, results)]
 
     def _progressive(self, nodes: List[NodeWithScore], texts: List[str],
                      query_bundle: Optional[QueryBundle]) -> List[NodeWithScore]:
@@ -91,23 +62,23 @@ class SemiDynamicCompressPostprocessor(BaseNodePostprocessor):
         plan = self._session.read_progressive(
             query_bundle.query_str, texts, max_latents=self.max_latents,
             scores=None if any(s is None for s in scores) else scores, signal=self.signal, max_expand=self.max_expand)
-        out = []
-        for item, read in zip(nodes, plan.chunks):
-            if read.read == "dropped":  # pasted as text it would break the budget
-                continue
-            meta = read.to_metadata()
-            node = item.node.model_copy()
-            node.metadata = {**item.node.metadata, **meta}
-            node.excluded_llm_metadata_keys = _union(item.node.excluded_llm_metadata_keys, meta)
-            node.excluded_embed_metadata_keys = _union(item.node.excluded_embed_metadata_keys, meta)
-            out.append(NodeWithScore(node=node, score=item.score))
-        return out
+        # a dropped node, pasted as text, would break the budget
+        return [_marked(item, read.to_metadata()) for item, read in zip(nodes, plan.chunks) if read.read != "dropped"]
 
     async def _apostprocess_nodes(
         self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
     ) -> List[NodeWithScore]:
         # The encoder runs in a worker thread so the event loop stays free.
         return await asyncio.to_thread(self._postprocess_nodes, nodes, query_bundle)
+
+
+def _marked(item: NodeWithScore, meta: dict) -> NodeWithScore:
+    """A copy of the node with ``meta`` added and hidden from the LLM and embedding text."""
+    node = item.node.model_copy()  # the docstore's node is never modified
+    node.metadata = {**item.node.metadata, **meta}
+    node.excluded_llm_metadata_keys = _union(item.node.excluded_llm_metadata_keys, meta)
+    node.excluded_embed_metadata_keys = _union(item.node.excluded_embed_metadata_keys, meta)
+    return NodeWithScore(node=node, score=item.score)
 
 
 def _union(existing: List[str], meta: dict) -> List[str]:
