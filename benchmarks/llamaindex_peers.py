@@ -33,7 +33,8 @@ from pathlib import Path
 
 from .common import Run, add_common_arguments, configure_threads, load_compressor, pyplot, save_plot, table
 
-# Questions on articles of the reserved half, with the word a right answer contains.
+# Questions on articles of the reserved half (never trained on), with the word a right answer
+# contains and the article that holds it (always indexed, among every ``stride``-th other summary).
 QUESTIONS = [
     ("In which city is the Eiffel Tower?", "Paris", "Eiffel Tower"),
     ("Who developed the theory of relativity?", "Einstein", "Albert Einstein"),
@@ -42,6 +43,19 @@ QUESTIONS = [
     ("Who painted the Mona Lisa?", "Leonardo", "Mona Lisa"),
     ("Who formulated the laws of motion and universal gravitation?", "Newton", "Isaac Newton"),
     ("In which country is the Great Wall?", "China", "Great Wall of China"),
+    ("What is the capital of Japan?", "Tokyo", "Tokyo"),
+    ("What nationality was the composer Ludwig van Beethoven?", "German", "Ludwig van Beethoven"),
+    ("In which year did Marie Curie share a Nobel Prize?", "1903", "Marie Curie"),
+    ("What nationality was the painter Pablo Picasso?", "Spanish", "Pablo Picasso"),
+    ("What is the capital of Germany?", "Berlin", "Berlin"),
+    ("Who was the 16th president of the United States?", "Lincoln", "Abraham Lincoln"),
+    ("In which city is the Taj Mahal?", "Agra", "Taj Mahal"),
+    ("On the bank of which river does the Taj Mahal stand?", "Yamuna", "Taj Mahal"),
+    ("Which spaceflight first landed humans on the Moon?", "Apollo 11", "Apollo 11"),
+    ("In which country is Machu Picchu?", "Peru", "Machu Picchu"),
+    ("Which is the smallest of the world's five oceans?", "Arctic", "Arctic Ocean"),
+    ("Which planet is the sixth from the Sun?", "Saturn", "Saturn"),
+    ("What is the longest continental mountain range in the world?", "Andes", "Andes"),
 ]
 QA_TEMPLATE = "Context:\n{context_str}\n\nQuestion: {query_str} Answer briefly."
 SETUPS = ("none", "sentence_optimizer", "longllmlingua", "semidyn", "semidyn_cold")
@@ -157,19 +171,21 @@ def run_query(setup, question: str, template) -> dict:
     response = synth.synthesize(question, nodes)
     calls = llm.calls
     return {"answer": str(response).strip(), "retrieve_s": t1 - t0, "compress_s": t2 - t1,
+            "total_s": time.perf_counter() - t0,
             "prefill_s": sum(c["prefill_s"] for c in calls), "decode_s": sum(c["decode_s"] for c in calls),
             "prefill_positions": sum(c["prefill_positions"] for c in calls), "llm_calls": len(calls),
             "latent_slots": sum(c["latent_slots"] for c in calls)}
 
 
 def summarise(name: str, rows: list[dict]) -> dict:
-    """Means per query (latencies in ms) and how many answers hold the expected word."""
-    mean = lambda k: statistics.mean(r[k] for r in rows)  # noqa: E731
+    """Per query: median latencies in ms (a stray slow query on a shared machine moves a mean, not
+    a median), mean prefill positions and new tokens, and how many answers hold the expected word."""
+    median = lambda k: 1000 * statistics.median(r[k] for r in rows)  # noqa: E731
     out = {"setup": name, "correct": sum(r["correct"] for r in rows), "questions": len(rows),
-           "prefill_positions": mean("prefill_positions")}
+           "prefill_positions": statistics.mean(r["prefill_positions"] for r in rows)}
     for k in ("retrieve", "compress", "prefill", "decode"):
-        out[f"{k}_ms"] = 1000 * mean(f"{k}_s")
-    out["total_ms"] = sum(out[f"{k}_ms"] for k in ("retrieve", "compress", "prefill", "decode"))
+        out[f"{k}_ms"] = median(f"{k}_s")
+    out["total_ms"] = median("total_s")
     return out
 
 
@@ -186,7 +202,7 @@ def plot(summary: list[dict], out_dir) -> Path:
     for i, s in enumerate(summary):
         ax.text(i, bottom[i], f"{s['prefill_positions']:.0f} pos\n{s['correct']}/{s['questions']} right",
                 ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("seconds per query (mean)")
+    ax.set_ylabel("seconds per query (median of each part)")
     ax.set_ylim(0, max(bottom) * 1.25)
     ax.set_title("LlamaIndex, k=5, same SmolLM2: latency per query by postprocessor")
     ax.legend(fontsize=8)

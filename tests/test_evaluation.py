@@ -357,6 +357,32 @@ def _summary(system, family, acc, ratio):
     return dataclasses.replace(summarize([r], family, None), accuracy=acc)
 
 
+def test_per_ratio_names_the_most_accurate_and_the_cheapest_that_reach_the_ratio():
+    from semidyn_rag.evaluation.per_ratio import per_ratio, per_ratio_markdown
+
+    def at(system, family, param, acc, ratio, ci, cost, cached=None):
+        return dataclasses.replace(_summary(system, family, acc, ratio), param=param, ratio_all=ratio,
+                                   accuracy_ci95=ci, compress_s=cost, compress_cached_s=cached)
+
+    rows = per_ratio([
+        at("fixed_x4", "fixed", 4, 0.10, 3.96, (0.08, 0.125), 0.19, cached=0.008),
+        at("truncate_x4", "truncate", 4, 0.16, 4.0, (0.13, 0.20), 0.002),
+        at("sentence_optimizer_x4", "sentence_optimizer", 4, 0.18, 3.1, (0.15, 0.21), 0.15),  # short of 4x
+        at("semi_dynamic_s0", "semi_dynamic", 0.0, 0.14, 4.6, (0.11, 0.17), 0.2, cached=0.01),
+        at("semi_dynamic_s2", "semi_dynamic", 2.0, 0.05, 12.0, (0.03, 0.07), 0.2, cached=0.004),  # near no target
+        at("uncompressed", "uncompressed", None, 0.19, 1.0, (0.16, 0.23), 0.0),
+    ])
+    (r,) = rows
+    assert r["factor"] == 4 and r["systems"] == ["fixed_x4", "truncate_x4", "semi_dynamic_s0"]
+    assert r["short_of_ratio"] == [{"system": "sentence_optimizer_x4", "ratio": 3.1}]
+    assert (r["most_accurate"], r["not_told_apart"]) == ("truncate_x4", ["semi_dynamic_s0"])
+    assert r["cheapest"] == "truncate_x4" and abs(r["cheapest_ms"] - 2.0) < 1e-9
+    md = per_ratio_markdown(rows)
+    assert "| 4x | truncate_x4 16.0% (13.0-20.0) | semi_dynamic_s0 | truncate_x4 (2.0 ms/q) |" in md
+    assert "sentence_optimizer_x4 (reaches 3.1x)" in md
+    assert per_ratio_markdown(per_ratio([at("uncompressed", "uncompressed", None, 0.2, 1.0, None, 0.0)])) == ""
+
+
 def test_gain_over_fixed_interpolates_in_log_ratio():
     fixed = [_summary("f2", "fixed", 0.6, 2.0), _summary("f8", "fixed", 0.2, 8.0)]
     semi = _summary("s", "semi_dynamic", 0.5, 4.0)  # log2 4 is halfway between 1 and 3: fixed there = 0.4

@@ -8,7 +8,8 @@ factor the run compared. The table gives each system's query-time compression co
 per question; for latent systems also with the features cached (a latent-store read) and
 without (an encoder pass). For semi-dynamic points the table also gives the accuracy gain
 over the fixed-factor curve at the same ratio (interpolated in log2 ratio) next to the
-variance of log2 factor, the two axes of the paper's Figure 5.
+variance of log2 factor, the two axes of the paper's Figure 5. Below the table, per target
+ratio, the most accurate and the cheapest system (``per_ratio``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..atomic import atomic_path, atomic_write_text
+from .per_ratio import per_ratio, per_ratio_markdown
 from .records import SystemSummary
 
 CURVES = {"fixed": ("fixed factor (soft)", "o"), "semi_dynamic": ("semi-dynamic (soft)", "s"),
@@ -145,7 +147,8 @@ def write_report(out: str | Path, summaries: Sequence[SystemSummary], meta: dict
     out = Path(out)
     summaries = gain_over_fixed(summaries)
     files = {"json": out / "results.json", "markdown": out / "results.md", "pareto": out / "pareto.png"}
-    payload = {"meta": meta, "systems": [s.to_json() for s in summaries]}
+    by_ratio = per_ratio(summaries)
+    payload = {"meta": meta, "systems": [s.to_json() for s in summaries], "per_ratio": by_ratio}
     atomic_write_text(files["json"], json.dumps(payload, indent=2) + "\n")
     run = meta.get("run", {})
     title = f"{Path(str(run.get('dataset', ''))).name} ({run.get('setting', '')}, {meta.get('n_questions', '?')} q)"
@@ -163,7 +166,8 @@ def write_report(out: str | Path, summaries: Sequence[SystemSummary], meta: dict
         what = {"skip": f"{ov['questions_skipped']} question(s) reading them were skipped by every system",
                 "truncate": "they were truncated to the limit for every system"}.get(ov["mode"], ov["mode"])
         notes.append(f"- {ov['contexts_over_limit']} context(s) over the encoder limit of {ov['limit']} tokens: {what}.")
-    atomic_write_text(files["markdown"], f"# {title}\n\n" + markdown_table(summaries) + "\n".join(notes) + "\n")
+    atomic_write_text(files["markdown"], f"# {title}\n\n" + markdown_table(summaries) + "\n".join(notes) + "\n\n"
+                      + per_ratio_markdown(by_ratio))
     with atomic_path(files["pareto"]) as tmp:
         plot_pareto(summaries, tmp, title)
     return files
