@@ -75,6 +75,24 @@ def test_an_arm_trains_to_its_cpu_budget_resumes_and_reports(h2h, tiny_dirs, tmp
         h2h["probe"](None, 1)
 
 
+def test_the_step_count_follows_the_cpu_actually_spent(h2h, tiny_dirs, tmp_path):
+    from semidyn_rag.training.config import load_train_config
+
+    path = write_config(tmp_path, tiny_dirs)
+    config = load_train_config(str(path), ["optim.max_steps=100", "optim.warmup_steps=0"])
+    trainer = h2h["BudgetTrainer"](config, cpu_seconds=300.0)
+    assert trainer.max_steps == 100  # nothing measured yet: the probe's plan stands
+    first = trainer._lr_scale(50)
+    trainer.step, trainer.cpu = 30, {k: 2.0 for k in range(1, 31)}  # 60 s spent at 2 s a step
+    trainer._replan()
+    assert trainer.max_steps == 30 + 120  # the 240 s left buy 120 more steps, not the probe's 70
+    assert trainer._lr_scale(50) > first  # the cosine now ends at step 150
+    assert trainer.scheduler.lr_lambdas[0](50) == trainer._lr_scale(50)
+    trainer.cpu = {k: 20.0 for k in range(1, 31)}  # 600 s spent: over budget, stop where it is
+    trainer._replan()
+    assert trainer.max_steps == 30
+
+
 def test_lineage_starts_at_a_shipped_checkpoint_known_by_its_card(lineage_mod, tmp_path):
     shipped = tmp_path / "assets" / "default-compressor"
     shipped.mkdir(parents=True)

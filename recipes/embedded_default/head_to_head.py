@@ -1,9 +1,10 @@
 """Objectives head to head at equal CPU time: the training and reporting half of ``head_to_head.sh``.
 
-``train``: one arm. Its number of optimizer steps is fixed once, before it starts, so that its
-training steps use ``--cpu-seconds`` of CPU time: a probe times ``--probe-steps`` steps of this
-very objective (process CPU time, all threads, the first step dropped as warm-up) on the same
-starting checkpoint, and ``max_steps = budget / mean step``. The probe also records the
+``train``: one arm, trained until its steps have used ``--cpu-seconds`` of CPU time. A probe
+times ``--probe-steps`` steps of this very objective (process CPU time, all threads, the first
+step dropped as warm-up) on the same starting checkpoint for a first ``max_steps = budget /
+mean step``; the run then re-plans the count every 25 steps from its own measured steps
+(``BudgetTrainer``), so a probe taken under other load does not give one arm more CPU than another. The probe also records the
 starting checkpoint's held-out losses (``start_eval.json``: the same ``data.eval`` every arm
 reports). Both land in ``OUT/budget.json``; a rerun reads it and resumes the run from its
 newest checkpoint (the trainer's ``resume: auto``), so the arm keeps its schedule. Every
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from semidyn_rag.training.config import load_train_config
 from semidyn_rag.training.metrics import MetricsLog
+from semidyn_rag.training.optim import lr_lambda
 from semidyn_rag.training.trainer import Trainer
 
 logger = logging.getLogger("head_to_head")
@@ -42,6 +44,51 @@ class TimedTrainer(Trainer):
         c0 = time.process_time()
         row = super().train_step()
         row["cpu_sec"] = time.process_time() - c0
+        return row
+
+
+class BudgetTrainer(TimedTrainer):
+    """Trains until ``cpu_seconds`` of CPU time are spent, re-planning its step count as it goes.
+
+    A probe's CPU time per step is only an estimate (measured once, under whatever else ran then:
+    arm a's probe said 11.4 s and its steps then took 7-8 s), so every ``REPLAN_EVERY`` steps the
+    count is set again to the steps done plus the CPU left over the median of the steps measured
+    so far (this run's ``metrics.jsonl``, resumes included). The cosine schedule reads the
+    current count, so the learning rate follows the re-planned end smoothly.
+    """
+
+    REPLAN_EVERY = 25
+
+    def __init__(self, config, cpu_seconds: float):
+        super().__init__(config)
+        self.cpu_seconds = cpu_seconds
+        done = MetricsLog(self.out / "metrics.jsonl").rows() if (self.out / "metrics.jsonl").is_file() else []
+        self.cpu = {r["step"]: r["cpu_sec"] for r in done
+                    if r["split"] == "train" and r.get("cpu_sec") is not None and r["step"] <= self.step}
+
+        def dynamic(step: int) -> float:  # the recipe's warmup + cosine, to the current max_steps
+            return lr_lambda(config, self.max_steps)(step)
+
+        self._lr_scale = dynamic
+        self.scheduler.lr_lambdas = [dynamic for _ in self.scheduler.lr_lambdas]
+        self._replan()
+
+    def _replan(self) -> None:
+        steps = [v for k, v in sorted(self.cpu.items()) if k > 1]  # the first step warms up
+        if len(steps) < 10:
+            return
+        left = self.cpu_seconds - sum(self.cpu.values())
+        planned = self.step + max(0, int(left // statistics.median(steps)))
+        if planned != self.max_steps:
+            logger.info("step %d: %.0f of %.0f CPU s spent, %.2f s per step -> %d steps (was %d)", self.step,
+                        sum(self.cpu.values()), self.cpu_seconds, statistics.median(steps), planned, self.max_steps)
+            self.max_steps = max(planned, self.step)
+
+    def train_step(self) -> dict:
+        row = super().train_step()
+        self.cpu[self.step] = row["cpu_sec"]
+        if self.step % self.REPLAN_EVERY == 0:
+            self._replan()
         return row
 
 
@@ -76,7 +123,10 @@ def train_arm(config_path: str, overrides: list[str], cpu_seconds: float, probe_
         budget_file.write_text(json.dumps(budget, indent=1))
         logger.info("%s: %.1f CPU s per step -> %d steps", out, per_step, budget["max_steps"])
     final = load_train_config(config_path, [*overrides, f"optim.max_steps={budget['max_steps']}"])
-    TimedTrainer(final).train()
+    trainer = BudgetTrainer(final, cpu_seconds)
+    trainer.train()
+    budget.update(max_steps=trainer.step, probe_max_steps=budget.get("probe_max_steps", budget["max_steps"]))
+    budget_file.write_text(json.dumps(budget, indent=1))  # the steps the budget bought, as re-planned
     return out
 
 
