@@ -19,24 +19,15 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
+source "$HERE/_background.sh"
 FOREGROUND=0
 if [[ "${1:-}" == "--foreground" ]]; then FOREGROUND=1; shift; fi
 SMOKE="${SMOKE:-0}"
 if [[ "$SMOKE" == 1 ]]; then DEFAULT_RUNS=/work/runs/20/smoke; else DEFAULT_RUNS=/work/runs/20; fi
 RUNS="$(mkdir -p "${1:-$DEFAULT_RUNS}" && cd "${1:-$DEFAULT_RUNS}" && pwd)"
 
-if [[ "$FOREGROUND" == 0 ]]; then
-  nohup "${BASH_SOURCE[0]}" --foreground "$RUNS" >> "$RUNS/head_to_head.log" 2>&1 &
-  echo "head to head started in the background (pid $!); log: $RUNS/head_to_head.log"
-  exit 0
-fi
+background_or_lock "$FOREGROUND" "$RUNS" head_to_head "$RUNS"
 
-exec 9> "$RUNS/.head_to_head.lock"
-flock -n 9 || { echo "another head_to_head.sh is running in $RUNS"; exit 1; }
-
-PY="$REPO/.venv/bin/python"
-CLI=("$PY" -m semidyn_rag.cli)
 ADQA="${ADQA:-$REPO/../shared/data/adversarialqa_validation.parquet}"
 START="$REPO/semidyn_rag/assets/default-compressor"
 ARMS="${ARMS:-a b c}"
@@ -48,9 +39,6 @@ if [[ "$SMOKE" == 1 ]]; then
   CPU_SECONDS=20; LIMIT=4; PROBE_STEPS=2
   EXTRA=(--set eval_every=2 --set save_every=1 --set data.eval_max_records=4)
 fi
-# Passive OpenMP waiting: on a shared machine spinning threads burn CPU time without work, which
-# made the same step cost 8 to 27 CPU seconds; passive, it costs 7-8 whatever else runs.
-export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 cd "$RUNS"
 echo "== $(date -Is) head to head in $RUNS: arms $ARMS, $CPU_SECONDS CPU s each, $LIMIT questions"
 

@@ -17,27 +17,17 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
+source "$HERE/_background.sh"
 FOREGROUND=0
 if [[ "${1:-}" == "--foreground" ]]; then FOREGROUND=1; shift; fi
 ARM="${1:?usage: long_run.sh ARM [RUNS_DIR]}"
 RUNS="$(mkdir -p "${2:-/work/runs/20}" && cd "${2:-/work/runs/20}" && pwd)"
 
-if [[ "$FOREGROUND" == 0 ]]; then
-  nohup "${BASH_SOURCE[0]}" --foreground "$ARM" "$RUNS" >> "$RUNS/long_run.log" 2>&1 &
-  echo "long run of arm $ARM started in the background (pid $!); log: $RUNS/long_run.log"
-  exit 0
-fi
+background_or_lock "$FOREGROUND" "$RUNS" long_run "$ARM" "$RUNS"
 
-exec 9> "$RUNS/.long_run.lock"
-flock -n 9 || { echo "another long_run.sh is running in $RUNS"; exit 1; }
-
-PY="$REPO/.venv/bin/python"
-CLI=("$PY" -m semidyn_rag.cli)
 CPU_SECONDS="${CPU_SECONDS:-21600}"
 LIMIT="${LIMIT:-500}"
 START="h2h-$ARM/final"
-export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 cd "$RUNS"
 [[ -f "$START/config.json" ]] || { echo "no $RUNS/$START: run head_to_head.sh (arm $ARM) first"; exit 2; }
 echo "== $(date -Is) long run of arm $ARM from $START: $CPU_SECONDS CPU s, then $LIMIT held-out questions"
