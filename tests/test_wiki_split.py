@@ -54,6 +54,10 @@ def test_demo_answer_agreement():
     agree, contains = demo["answers_agree"], demo["contains"]
     assert agree("Paris.", "paris") and agree("It is in Paris, France", "Paris")
     assert not agree("London", "Paris") and not agree("", "Paris")
+    assert not agree("Par", "It is in Paris")  # whole words only
+    q = "What is the largest ocean on Earth?"
+    assert not agree("ocean", "The largest ocean on Earth is the Pacific Ocean.", q)  # only the question's words
+    assert agree("Pacific", "The largest ocean on Earth is the Pacific Ocean.", q)
     assert contains("Leonardo da Vinci painted it.", "Leonardo") and not contains("Picasso", "Leonardo")
 
 
