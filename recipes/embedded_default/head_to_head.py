@@ -31,7 +31,6 @@ from pathlib import Path
 
 from semidyn_rag.training.config import load_train_config
 from semidyn_rag.training.metrics import MetricsLog
-from semidyn_rag.training.optim import lr_lambda
 from semidyn_rag.training.trainer import Trainer
 
 logger = logging.getLogger("head_to_head")
@@ -53,8 +52,8 @@ class BudgetTrainer(TimedTrainer):
     A probe's CPU time per step is only an estimate (measured once, under whatever else ran then:
     arm a's probe said 11.4 s and its steps then took 7-8 s), so every ``REPLAN_EVERY`` steps the
     count is set again to the steps done plus the CPU left over the median of the steps measured
-    so far (this run's ``metrics.jsonl``, resumes included). The cosine schedule reads the
-    current count, so the learning rate follows the re-planned end smoothly.
+    so far (this run's ``metrics.jsonl``, resumes included). The trainer's cosine schedule reads
+    the current count, so the learning rate follows the re-planned end smoothly.
     """
 
     REPLAN_EVERY = 25
@@ -65,24 +64,18 @@ class BudgetTrainer(TimedTrainer):
         done = MetricsLog(self.out / "metrics.jsonl").rows() if (self.out / "metrics.jsonl").is_file() else []
         self.cpu = {r["step"]: r["cpu_sec"] for r in done
                     if r["split"] == "train" and r.get("cpu_sec") is not None and r["step"] <= self.step}
-
-        def dynamic(step: int) -> float:  # the recipe's warmup + cosine, to the current max_steps
-            return lr_lambda(config, self.max_steps)(step)
-
-        self._lr_scale = dynamic
-        self.scheduler.lr_lambdas = [dynamic for _ in self.scheduler.lr_lambdas]
         self._replan()
 
     def _replan(self) -> None:
         steps = [v for k, v in sorted(self.cpu.items()) if k > 1]  # the first step warms up
         if len(steps) < 10:
             return
-        left = self.cpu_seconds - sum(self.cpu.values())
-        planned = self.step + max(0, int(left // statistics.median(steps)))
+        spent, per_step = sum(self.cpu.values()), statistics.median(steps)
+        planned = self.step + max(0, int((self.cpu_seconds - spent) // per_step))
         if planned != self.max_steps:
             logger.info("step %d: %.0f of %.0f CPU s spent, %.2f s per step -> %d steps (was %d)", self.step,
-                        sum(self.cpu.values()), self.cpu_seconds, statistics.median(steps), planned, self.max_steps)
-            self.max_steps = max(planned, self.step)
+                        spent, self.cpu_seconds, per_step, planned, self.max_steps)
+            self.max_steps = planned
 
     def train_step(self) -> dict:
         row = super().train_step()

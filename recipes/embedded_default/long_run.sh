@@ -6,10 +6,10 @@
 #   recipes/embedded_default/long_run.sh --foreground ARM [RUNS_DIR]
 #
 # ARM is the head-to-head arm (a, b, c or d) whose config and final checkpoint the run continues
-# (RUNS_DIR/h2h-ARM/final, from head_to_head.sh in the same RUNS_DIR). Resumable like the head to
-# head: the step count is fixed once from a probe (CPU_SECONDS of CPU time for the training steps),
-# a killed run resumes from its newest checkpoint, a finished eval is skipped; rerun the same
-# command, in as many sessions as it takes.
+# (RUNS_DIR/h2h-ARM/final, from head_to_head.sh in the same RUNS_DIR). Trained like an arm: until its
+# steps have used CPU_SECONDS of CPU time (a probe's first plan, re-planned from the measured steps).
+# Resumable: a killed run resumes from its newest checkpoint, a finished eval is skipped; rerun the
+# same command, in as many sessions as it takes.
 #
 # Environment: CPU_SECONDS (default 21600 = 3 hours of both cores), LIMIT (held-out questions,
 # default 500), REUSE (an eval folder over the same questions and settings whose text-baseline

@@ -4,8 +4,8 @@ A user choosing a compressor asks "at 4x, what should I use?". The table answers
 run's own summaries: every system run at that factor (and a semi-dynamic point whose achieved
 ratio lies within the tolerance of it) competes, but only if it actually reached the ratio; a
 peer that cannot cut that far (a sentence filter stops at whole sentences) is listed as short
-of it instead of winning with less compression. Accuracies whose 95% intervals overlap the
-best one's are named as not told apart by the data.
+of it instead of winning with less compression. Systems whose 95% interval overlaps the best
+one's are named beside it (``not_told_apart``): the run's questions do not clearly separate them.
 """
 
 from __future__ import annotations

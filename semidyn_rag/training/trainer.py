@@ -90,8 +90,12 @@ class Trainer:
         if not self.params:
             raise ValueError("nothing to train: every module is frozen")
         self.optimizer = make_optimizer(self.params, config)
-        self._lr_scale = lr_lambda(config, self.max_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_scale)
+
+        def lr_scale(step: int) -> float:  # reads max_steps at each step: a subclass may re-plan it
+            return lr_lambda(config, self.max_steps)(step)
+
+        self._lr_scale = lr_scale
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_scale)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.step = 0
         self._resume()
