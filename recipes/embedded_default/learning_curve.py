@@ -1,7 +1,9 @@
 """Learning curves of embedded-default runs: LM loss against samples seen, plus held-out accuracy.
 
 Reads each run's ``metrics.jsonl`` (and ``train_config.json`` for the batch size) and, if given,
-evaluation folders written by ``semidyn-rag eval`` at some checkpoints. Writes a PNG and the
+evaluation folders written by ``semidyn-rag eval`` at some checkpoints; ``--previous`` adds the
+runs of an earlier plot from its JSON, so the recipe's plot gains new runs after the old run
+folders are gone. Writes a PNG and the
 plotted numbers as JSON next to it. A run that continued another (``init_from``) is drawn from
 where that one stopped; ``STEP`` in ``--accuracy`` counts that run's own steps.
 
@@ -42,7 +44,9 @@ def read_accuracy(folder: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="a training output folder")
+    p.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="a training output folder")
+    p.add_argument("--previous", action="append", default=[], metavar="JSON",
+                   help="an earlier plot's JSON: its runs are drawn too (their folders need not exist)")
     p.add_argument("--accuracy", action="append", default=[], metavar="RUN@STEP=EVALDIR",
                    help="an eval folder of run RUN's checkpoint at STEP")
     p.add_argument("--out", required=True, help="PNG path (the JSON goes next to it)")
@@ -52,8 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {name: read_run(Path(d)) for name, d in (r.split("=", 1) for r in args.run)}
+    runs: dict[str, dict] = {}
     acc: dict[str, dict[int, dict]] = {}
+    for path in args.previous:
+        earlier = json.loads(Path(path).read_text())
+        runs.update(earlier["runs"])
+        acc.update({k: {int(n): a for n, a in v.items()} for k, v in earlier["accuracy"].items()})
+    runs.update({name: read_run(Path(d)) for name, d in (r.split("=", 1) for r in args.run)})
+    if not runs:
+        p.error("nothing to draw: give --run or --previous")
     for item in args.accuracy:
         where, d = item.split("=", 1)
         name, step = where.rsplit("@", 1)
