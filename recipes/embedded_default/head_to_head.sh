@@ -20,6 +20,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/_background.sh"
+source "$HERE/_data.sh"
 FOREGROUND=0
 if [[ "${1:-}" == "--foreground" ]]; then FOREGROUND=1; shift; fi
 SMOKE="${SMOKE:-0}"
@@ -42,29 +43,9 @@ fi
 cd "$RUNS"
 echo "== $(date -Is) head to head in $RUNS: arms $ARMS, $CPU_SECONDS CPU s each, $LIMIT questions"
 
-# 1. data: the recipe's files plus the wiki (trainable half) reconstruction and cloze records,
-#    all labelled with the same zlib reference as train_proxy.jsonl
-if [[ ! -f data/.done ]]; then
-  "$PY" "$HERE/prepare_data.py" --adversarialqa "$ADQA" --out data
-  "${CLI[@]}" synth cloze data/wiki_trainable.jsonl --text-field text --min-words 1 --max-words 1000 \
-    --out data/wiki_cloze.jsonl
-  REF="$("$PY" -c "import json; print(json.load(open('data/split.json'))['zlib_reference'])")"
-  for f in train wiki_recon wiki_cloze; do
-    "${CLI[@]}" synth proxy "data/$f.jsonl" --out "data/${f}_proxy.jsonl" --method zlib --y-mid 2.5 --gain 4 \
-      --reference "$REF"
-  done
-  # the wiki texts that got no cloze question stay reconstruction records in the cloze arms
-  "$PY" - <<'EOF'
-import json
-def key(text):  # the cloze chunks are whitespace-normalised (no-break spaces and all)
-    return " ".join(text.split())
-cloze = {key(json.loads(x)["context"]) for x in open("data/wiki_cloze_proxy.jsonl")}
-rest = [x for x in open("data/wiki_recon_proxy.jsonl") if key(json.loads(x)["context"]) not in cloze]
-open("data/wiki_recon_rest_proxy.jsonl", "w").writelines(rest)
-print(f"{len(rest)} wiki texts without a cloze question kept as reconstruction records")
-EOF
-  touch data/.done
-fi
+# 1. data (_data.sh): the recipe's files plus the wiki (trainable half) reconstruction and
+#    cloze records
+prepare_arm_data "$ADQA"
 
 EVAL=(--dataset data/heldout.jsonl --setting gold --limit "$LIMIT" --factors 4 --scales 0 --max-new-tokens 16
       --question-suffix " Answer briefly." --decode-batch-size 8 --llmlingua off --no-progress)
