@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["train_lm"]:
             ax.plot(*zip(*r["train_lm"]), color=color, alpha=0.35, lw=1, label=f"{name}: train (25-step mean)")
         if r["eval_lm"]:
-            ax.plot(*zip(*r["eval_lm"]), color=color, marker="o", lw=2, label=f"{name}: {r['eval_data']}")
+            ax.plot(*zip(*r["eval_lm"]), color=color, marker="o", lw=2, label=f"{name}: {r.get('eval_data', 'internal eval slice')}")
     ax.set_xlabel("training samples seen")
     ax.set_ylabel("LM loss (nats / target token)")
     ax.set_title("Learning curve")
