@@ -20,10 +20,9 @@ prepare_arm_data() {
   # the wiki texts that got no cloze question stay reconstruction records in the cloze arms
   "$PY" - <<'EOF'
 import json
-def key(text):  # the cloze chunks are whitespace-normalised (no-break spaces and all)
-    return " ".join(text.split())
-cloze = {key(json.loads(x)["context"]) for x in open("data/wiki_cloze_proxy.jsonl")}
-rest = [x for x in open("data/wiki_recon_proxy.jsonl") if key(json.loads(x)["context"]) not in cloze]
+from semidyn_rag.training.data import context_key  # whitespace-blind: the cloze chunks are normalised
+cloze = {context_key(json.loads(x)["context"]) for x in open("data/wiki_cloze_proxy.jsonl")}
+rest = [x for x in open("data/wiki_recon_proxy.jsonl") if context_key(json.loads(x)["context"]) not in cloze]
 open("data/wiki_recon_rest_proxy.jsonl", "w").writelines(rest)
 print(f"{len(rest)} wiki texts without a cloze question kept as reconstruction records")
 EOF

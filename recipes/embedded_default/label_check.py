@@ -95,17 +95,17 @@ def main() -> int:
                               "--device", "cpu"], check=True)
 
     from semidyn_rag.loading import load_tokenizer
-    from semidyn_rag.training.labels import density_label
+    from semidyn_rag.training import load_records
+    from semidyn_rag.training.labels import DensityLabeler
 
-    tok = load_tokenizer(args.model)
-    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    labeler = DensityLabeler(load_tokenizer(args.model))  # the trainer's counting rule (end marker included)
     rows = []
-    for r, s, p in zip(records, map(json.loads, open(summarized)), map(json.loads, open(lm))):
-        n_ctx = count(r["context"]) + 1  # the appended end marker, as the trainer counts it
-        rows.append({"source": r.get("source"), "context_tokens": n_ctx, "summary": s.get("concise_summary"),
-                     "y_teacher": density_label(n_ctx, count(s["concise_summary"])) if s.get("concise_summary") else None,
+    for r, s, p in zip(records, load_records(summarized), load_records(lm)):
+        summary = s.concise_summary  # when set, the label is the summary's (not the zlib fraction's)
+        rows.append({"source": r.get("source"), "context_tokens": labeler.count(r["context"]) + 1, "summary": summary,
+                     "y_teacher": labeler.labels(s)[0] if summary else None,
                      "y_zlib": -math.log2(r["pseudo_summary_fraction"]),
-                     "y_lm": -math.log2(p["pseudo_summary_fraction"])})
+                     "y_lm": -math.log2(p.pseudo_summary_fraction)})
     result = {"teacher": args.model, **compare(rows)}
     (args.out / "label_check.json").write_text(json.dumps(result, indent=1))
 

@@ -3,8 +3,7 @@
 Reads each run's ``metrics.jsonl`` (and ``train_config.json`` for the batch size) and, if given,
 evaluation folders written by ``semidyn-rag eval`` at some checkpoints; ``--previous`` adds the
 runs of an earlier plot from its JSON, so the recipe's plot gains new runs after the old run
-folders are gone. Writes a PNG and the
-plotted numbers as JSON next to it. A run that continued another (``init_from``) is drawn from
+folders are gone. Writes a PNG and the plotted numbers as JSON next to it. A run that continued another (``init_from``) is drawn from
 where that one stopped; ``STEP`` in ``--accuracy`` counts that run's own steps.
 
     python recipes/embedded_default/learning_curve.py --run calibrated=runs/run \
@@ -60,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     acc: dict[str, dict[int, dict]] = {}
     for path in args.previous:
         earlier = json.loads(Path(path).read_text())
+        for run in earlier["runs"].values():
+            run.setdefault("eval_data", "internal eval slice")  # plots made before the field existed
         runs.update(earlier["runs"])
         acc.update({k: {int(n): a for n, a in v.items()} for k, v in earlier["accuracy"].items()})
     runs.update({name: read_run(Path(d)) for name, d in (r.split("=", 1) for r in args.run)})
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["train_lm"]:
             ax.plot(*zip(*r["train_lm"]), color=color, alpha=0.35, lw=1, label=f"{name}: train (25-step mean)")
         if r["eval_lm"]:
-            ax.plot(*zip(*r["eval_lm"]), color=color, marker="o", lw=2, label=f"{name}: {r.get('eval_data', 'internal eval slice')}")
+            ax.plot(*zip(*r["eval_lm"]), color=color, marker="o", lw=2, label=f"{name}: {r['eval_data']}")
     ax.set_xlabel("training samples seen")
     ax.set_ylabel("LM loss (nats / target token)")
     ax.set_title("Learning curve")
