@@ -303,9 +303,13 @@ def test_a_full_disk_writing_a_file_keeps_nothing_half_written(tmp_path, corpus,
 
 
 # The real CLI in a child process, each store transaction held open a while so the signal lands
-# inside one (as in test_precompress's kill -9 test).
+# inside one (as in test_precompress's kill -9 test). The child sets Python's own Ctrl-C handler,
+# as an interactive shell's child has it: a shell without job control starts background commands
+# (a suite run with `&`, some CI runners) with SIGINT ignored, and Python keeps an inherited
+# SIG_IGN, so the child would finish its work and exit 0.
 _SLOW_CHILD = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from semidyn_rag.store.latent_store import LatentStore
 real = LatentStore._insert
 def slow(conn, rows):
