@@ -122,3 +122,24 @@ def test_lineage_starts_at_a_shipped_checkpoint_known_by_its_card(lineage_mod, t
     assert card["training"]["samples"] == 10812 and card["training"]["steps"] == 2703
     assert card["recipe"].startswith("r, then a head-to-head config (wiki_recon_proxy.jsonl; hidden_align_weight 1.0)")
     assert "(h2h-a from " in card["recipe"]
+
+
+def test_paired_counts_the_questions_only_one_checkpoint_gets_right(h2h, tmp_path):
+    def folder(name, system_correct):
+        d = tmp_path / name
+        d.mkdir()
+        d.joinpath("samples.jsonl").write_text("".join(
+            json.dumps({"system": s, "sample_id": str(i), "correct": c}) + "\n"
+            for s, cs in system_correct.items() for i, c in enumerate(cs)))
+        return d
+
+    a = folder("a", {"fixed_x4": [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1], "no_context": [0]})
+    b = folder("b", {"fixed_x4": [1, 0, 1, 1, 1, 1, 1, 1, 1, 1]})  # one question fewer: not paired
+    (row,) = h2h["paired"](a, b, tmp_path / "out")
+    assert (row["system"], row["questions"], row["a_correct"], row["b_correct"]) == ("fixed_x4", 10, 2, 9)
+    assert (row["only_a"], row["only_b"]) == (1, 8)
+    assert row["mcnemar_p"] == pytest.approx(2 * (1 + 9) / 2 ** 9, abs=1e-4)  # exact binomial, n = 9, k = 1
+    assert json.loads((tmp_path / "out" / "paired.json").read_text())["systems"][0]["only_b"] == 8
+    assert h2h["mcnemar_p"](0, 0) == 1.0 and h2h["mcnemar_p"](5, 5) == 1.0
+    with pytest.raises(SystemExit, match="no samples.jsonl"):
+        h2h["paired"](a, tmp_path / "missing")

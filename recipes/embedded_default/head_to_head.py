@@ -14,6 +14,10 @@ actually spent is summed from the log, resumes included.
 ``report``: one table of the arms (CPU spent, steps, held-out LM loss at start and end,
 held-out accuracy at 4x) as ``h2h_summary.json`` and ``.md`` next to each other.
 
+``paired``: two checkpoints' eval folders over the same questions, system by system: the
+questions only one of them gets right and the exact two-sided McNemar p-value. Intervals of
+two accuracies overlap long before a paired difference is ruled out or in.
+
 CPU time, not wall time, is the budget because this 2-core machine is shared: other people's
 work stretches wall time but not the CPU time a step needs (``--cpu-seconds 5400`` is 45
 minutes of both cores).
@@ -27,6 +31,7 @@ import json
 import logging
 import statistics
 import time
+from math import comb
 from pathlib import Path
 
 from semidyn_rag.training.config import load_train_config
@@ -190,6 +195,46 @@ def report(arms: list[str], out: Path, start_eval: Path | None = None) -> list[d
     return rows
 
 
+def _correct(eval_dir: Path) -> dict[tuple[str, str], bool]:
+    path = eval_dir / "samples.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{eval_dir} has no samples.jsonl: not a finished `semidyn-rag eval` folder")
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {(r["system"], str(r["sample_id"])): bool(r["correct"]) for r in rows}
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test: the discordant questions as a fair coin's tosses."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    return 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(a: Path, b: Path, out: Path | None = None) -> list[dict]:
+    """Per system in both eval folders, over the questions both answered: A's and B's correct
+    counts, the questions only one gets right, and McNemar's p (``paired.json`` and ``.md``)."""
+    ca, cb = _correct(a), _correct(b)
+    rows = []
+    for system in sorted({s for s, _ in ca} & {s for s, _ in cb}):
+        ids = sorted(q for s, q in ca if s == system and (s, q) in cb)
+        only_a = sum(ca[(system, q)] and not cb[(system, q)] for q in ids)
+        only_b = sum(cb[(system, q)] and not ca[(system, q)] for q in ids)
+        rows.append({"system": system, "questions": len(ids), "a_correct": sum(ca[(system, q)] for q in ids),
+                     "b_correct": sum(cb[(system, q)] for q in ids), "only_a": only_a, "only_b": only_b,
+                     "mcnemar_p": round(mcnemar_p(only_a, only_b), 4)})
+    if not rows:
+        raise SystemExit(f"{a} and {b} share no system and question")
+    lines = [f"A = {a}, B = {b}", "", "| system | questions | A right | B right | only A | only B | McNemar p |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['system']} | {r['questions']} | {r['a_correct']} | {r['b_correct']} | {r['only_a']} | "
+              f"{r['only_b']} | {r['mcnemar_p']:.2f} |" for r in rows]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "paired.json").write_text(json.dumps({"a": str(a), "b": str(b), "systems": rows}, indent=1))
+        (out / "paired.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -202,12 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--arm", action="append", required=True, metavar="NAME=RUN[:EVALDIR]")
     r.add_argument("--start", type=Path, help="eval folder of the starting checkpoint (first row)")
     r.add_argument("--out", required=True, type=Path)
+    c = sub.add_parser("paired", help="two eval folders over the same questions, question by question")
+    c.add_argument("a", type=Path, help="eval folder A (e.g. the starting checkpoint's)")
+    c.add_argument("b", type=Path, help="eval folder B")
+    c.add_argument("--out", type=Path, help="folder for paired.json and paired.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "train":
         if args.cpu_seconds <= 0:
             p.error("--cpu-seconds must be positive")
         train_arm(args.config, args.overrides, args.cpu_seconds, args.probe_steps)
+    elif args.cmd == "paired":
+        paired(args.a, args.b, args.out)
     else:
         report(args.arm, args.out, args.start)
     return 0

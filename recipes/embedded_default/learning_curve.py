@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         r = runs[name]
         acc.setdefault(name, {})[r["samples_before"] + int(step) * r["samples_per_step"]] = read_accuracy(Path(d))
     panels = 2 if acc else 1
+
+    def below(ax):
+        """Legends under the panels: with many runs, one inside would hide the points."""
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    fig.subplots_adjust(wspace=0.25)
     ax = axes[0][0]
     for i, (name, r) in enumerate(runs.items()):
         color = f"C{i}"
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylabel("LM loss (nats / target token)")
     ax.set_title("Learning curve")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    below(ax)
     if acc:
         ax = axes[0][1]
         marks = {"semi_dynamic_s+0": ("o", "-"), "fixed_x4": ("s", "--"), "fixed_x8": ("^", ":")}
@@ -104,11 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("substring accuracy (held-out, gold context)")
         ax.set_title("Held-out QA accuracy (question counts in the README)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        below(ax)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     out.with_suffix(".json").write_text(json.dumps({"runs": runs, "accuracy": {k: {str(n): a for n, a in v.items()}
                                                                             for k, v in acc.items()}},
                                                    indent=1))
