@@ -31,9 +31,9 @@ import json
 import logging
 import statistics
 import time
-from math import comb
 from pathlib import Path
 
+from semidyn_rag.evaluation.metrics import sign_test_p
 from semidyn_rag.training.config import load_train_config
 from semidyn_rag.training.metrics import MetricsLog
 from semidyn_rag.training.trainer import Trainer
@@ -203,12 +203,6 @@ def _correct(eval_dir: Path) -> dict[tuple[str, str], bool]:
     return {(r["system"], str(r["sample_id"])): bool(r["correct"]) for r in rows}
 
 
-def mcnemar_p(only_a: int, only_b: int) -> float:
-    """Exact two-sided McNemar test: the discordant questions as a fair coin's tosses."""
-    n, k = only_a + only_b, min(only_a, only_b)
-    return 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-
 def paired(a: Path, b: Path, out: Path | None = None) -> list[dict]:
     """Per system in both eval folders, over the questions both answered: A's and B's correct
     counts, the questions only one gets right, and McNemar's p (``paired.json`` and ``.md``)."""
@@ -220,7 +214,7 @@ def paired(a: Path, b: Path, out: Path | None = None) -> list[dict]:
         only_b = sum(cb[(system, q)] and not ca[(system, q)] for q in ids)
         rows.append({"system": system, "questions": len(ids), "a_correct": sum(ca[(system, q)] for q in ids),
                      "b_correct": sum(cb[(system, q)] for q in ids), "only_a": only_a, "only_b": only_b,
-                     "mcnemar_p": round(mcnemar_p(only_a, only_b), 4)})
+                     "mcnemar_p": round(sign_test_p(only_a, only_b), 4)})
     if not rows:
         raise SystemExit(f"{a} and {b} share no system and question")
     lines = [f"A = {a}, B = {b}", "", "| system | questions | A right | B right | only A | only B | McNemar p |",

@@ -3,8 +3,9 @@
 Reads each run's ``metrics.jsonl`` (and ``train_config.json`` for the batch size) and, if given,
 evaluation folders written by ``semidyn-rag eval`` at some checkpoints; ``--previous`` adds the
 runs of an earlier plot from its JSON, so the recipe's plot gains new runs after the old run
-folders are gone. Writes a PNG and the plotted numbers as JSON next to it. A run that continued another (``init_from``) is drawn from
-where that one stopped; ``STEP`` in ``--accuracy`` counts that run's own steps.
+folders are gone. Writes a PNG and the plotted numbers as JSON next to it. A run that continued
+another (``init_from``) is drawn from where that one stopped; ``STEP`` in ``--accuracy`` counts
+that run's own steps.
 
     python recipes/embedded_default/learning_curve.py --run calibrated=runs/run \
         --run "no calibration"=runs/run-uncalibrated --accuracy calibrated@1200=runs/eval-final \

@@ -99,6 +99,15 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's, for two systems on the same questions): the
+    questions only one of them gets right, taken as a fair coin's tosses. Ties carry no signal."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n)
+
+
 def log2_factor_variance(factors: Iterable[int | None]) -> float | None:
     """Population variance of log2 of the chosen factors (None entries skipped; None if none)."""
     logs = [math.log2(f) for f in factors if f is not None]

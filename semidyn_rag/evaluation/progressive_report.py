@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, atomic_write_text
-from .metrics import wilson_interval
+from .metrics import sign_test_p, wilson_interval
 
 _NAME = re.compile(r"progressive_(?:(flat)_(top|all)\d*|([a-z]+))_(?:b(\d+))?x(\d+)$")
 
@@ -57,15 +56,6 @@ def _kind(system: str) -> tuple[str, int] | None:
         return None
     kind = f"flat_{m.group(2)}" if m.group(1) else m.group(3)
     return kind, int(m.group(5))
-
-
-def _binom_p(a: int, b: int) -> float:
-    """Two-sided exact sign-test p-value of ``a`` wins against ``b`` losses."""
-    n = a + b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def budget_report(eval_dir: Path, flags: dict[str, list[bool]]) -> dict:
@@ -120,7 +110,7 @@ def budget_report(eval_dir: Path, flags: dict[str, list[bool]]) -> dict:
         wins = sum(mine[q] and not theirs[q] for q in both)
         losses = sum(theirs[q] and not mine[q] for q in both)
         s["vs_flat_top"] = {"reference": ref["system"], "wins": wins, "losses": losses,
-                            "sign_test_p": _binom_p(wins, losses)}
+                            "sign_test_p": sign_test_p(wins, losses)}
     return {"eval_dir": str(eval_dir), "questions": len(flags), "systems": list(systems.values())}
 
 
