@@ -109,7 +109,7 @@ def describe_card(path) -> str:
     t, e = c["training"], c["heldout_eval"]
     sy = e["systems"]
     lines = [f"Compressor: {c['name']}, trained {t['steps']} steps ({t['samples']} samples, "
-             f"{t['cpu_seconds'] / 3600:.1f} h on 2 CPU cores)."]
+             f"{t.get('wall_seconds', t.get('cpu_seconds', 0)) / 3600:.1f} h on 2 CPU cores)."]
     base = ", ".join(f"{k} {sy[k]['accuracy']:.1%}" for k in ("uncompressed", "no_context") if k in sy)
     semi = {k: v for k, v in sy.items() if k.startswith("semi_dynamic") and v.get("mean_ratio")}
     shown = [f"{k.removeprefix('semi_dynamic_')} {v['accuracy']:.1%} at {v['mean_ratio']:.1f}x" for k, v in semi.items()]

@@ -13,6 +13,7 @@ import yaml
 from semidyn_rag.evaluation.metrics import sign_test_p
 from semidyn_rag.training import write_records
 
+from .test_checkpoint import _perturb_adapters
 from .test_training_trainer import make_records
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "embedded_default"
@@ -97,18 +98,21 @@ def test_the_step_count_follows_the_cpu_actually_spent(h2h, tiny_dirs, tmp_path)
 def test_lineage_starts_at_a_shipped_checkpoint_known_by_its_card(lineage_mod, tmp_path):
     shipped = tmp_path / "assets" / "default-compressor"
     shipped.mkdir(parents=True)
-    (shipped / "card.json").write_text(json.dumps({"recipe": "r", "training": {
-        "steps": 2700, "samples": 10800, "cpu_seconds": 11940}}))
+    (shipped / "card.json").write_text(json.dumps({"recipe": "r)", "training": {
+        "steps": 2700, "samples": 10800, "cpu_seconds": 11940,
+        "runs": [{"run": "run2", "steps": 2700, "samples": 10800, "cpu_seconds": 11940, "init_from": None}]}}))
+    (shipped / "config.json").write_text(json.dumps({"fingerprint": "ab12"}))
     run = tmp_path / "runs" / "h2h-a"
     run.mkdir(parents=True)
     (run / "train_config.json").write_text(json.dumps({
         "init_from": str(shipped), "optim": {"batch_size": 4, "grad_accum": 1},
         "objective": {"hidden_align_weight": 1.0}, "data": {"train": ["data/wiki_recon_proxy.jsonl"]}}))
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"split": "train", "step": s, "sec": 2.0, "lm": 1.0})
-                                                 for s in (1, 2, 3)) + "\n")
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"split": "train", "step": s, "sec": 2.0, "cpu_sec": 3.5,
+                                                             "lm": 1.0}) for s in (1, 2, 3)) + "\n")
     start, arm = lineage_mod["lineage"](run)
-    assert (start.samples, start.steps, start.cpu_seconds) == (10800, 2700, 11940.0)
-    assert arm.samples_before == 10800 and arm.samples == 12 and arm.cpu_seconds == 6.0
+    # an older card's "cpu_seconds" were wall seconds; it logged no process CPU time
+    assert (start.samples, start.steps, start.wall_seconds, start.cpu_seconds) == (10800, 2700, 11940.0, None)
+    assert arm.samples_before == 10800 and arm.samples == 12 and (arm.wall_seconds, arm.cpu_seconds) == (6.0, 10.5)
     # shipping such a run counts the shipped checkpoint's training too
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev" / "results.json").write_text(json.dumps({
@@ -121,8 +125,13 @@ def test_lineage_starts_at_a_shipped_checkpoint_known_by_its_card(lineage_mod, t
     finally:
         sys.path.remove(str(RECIPE))
     assert card["training"]["samples"] == 10812 and card["training"]["steps"] == 2703
-    assert card["recipe"].startswith("r, then a head-to-head config (wiki_recon_proxy.jsonl; hidden_align_weight 1.0)")
-    assert "(h2h-a from " in card["recipe"]
+    assert card["training"]["wall_seconds"] == 11946
+    assert card["recipe"] == ("r, then a head-to-head config (wiki_recon_proxy.jsonl; hidden_align_weight 1.0) "
+                              "(h2h-a from the default shipped before it, fingerprint ab12))")
+    # the shipped start's own runs are listed, its wall seconds under their name now; then the arm
+    assert [r["run"] for r in card["training"]["runs"]] == ["run2", "h2h-a"]
+    assert card["training"]["runs"][0]["wall_seconds"] == 11940
+    assert card["training"]["runs"][1]["process_cpu_seconds"] == 10
 
 
 def test_paired_counts_the_questions_only_one_checkpoint_gets_right(h2h, tmp_path):
@@ -144,3 +153,53 @@ def test_paired_counts_the_questions_only_one_checkpoint_gets_right(h2h, tmp_pat
     assert sign_test_p(0, 0) == 1.0 and sign_test_p(5, 5) == 1.0
     with pytest.raises(SystemExit, match="no samples.jsonl"):
         h2h["paired"](a, tmp_path / "missing")
+
+
+def test_ship_replaces_the_default_it_started_from_only_when_the_export_fits(make_compressor, tmp_path, monkeypatch):
+    """The card is read from the shipped start before the export overwrites it, an export over the
+    size limit leaves the shipped default as it was, and shipping twice is refused."""
+    shipped = tmp_path / "assets" / "default-compressor"
+    make_compressor().save_pretrained(shipped)
+    compressor = make_compressor()
+    _perturb_adapters(compressor, seed=3)  # the continued run: other weights, another fingerprint
+    (shipped / "card.json").write_text(json.dumps({"recipe": "r)", "training": {
+        "steps": 5, "samples": 20, "cpu_seconds": 50, "runs": []}}))
+    run = tmp_path / "runs" / "long"
+    compressor.save_pretrained(run / "final")
+    (run / "train_config.json").write_text(json.dumps({
+        "init_from": str(shipped), "optim": {"batch_size": 2, "grad_accum": 1},
+        "objective": {}, "data": {"train": "data/wiki_cloze_proxy.jsonl"}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "sec": 1.0, "lm": 1.0}) + "\n")
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "results.json").write_text(json.dumps({
+        "meta": {"n_questions": 1, "run": {"dataset": "d", "setting": "gold"}}, "systems": []}))
+    sys.path.insert(0, str(RECIPE))
+    try:
+        ship = runpy.run_path(str(RECIPE / "ship.py"))
+    finally:
+        sys.path.remove(str(RECIPE))
+    argv = ["--run", str(run), "--eval", str(tmp_path / "ev"), "--out", str(shipped)]
+    monkeypatch.setitem(ship["main"].__globals__, "LIMIT_MB", 0)
+    with pytest.raises(SystemExit, match="over the 0 MiB"):
+        ship["main"](argv)
+    assert json.loads((shipped / "card.json").read_text())["training"]["steps"] == 5  # untouched
+    assert not (tmp_path / "assets" / "default-compressor.shipping").exists()
+    before = json.loads((shipped / "config.json").read_text())["fingerprint"]
+    monkeypatch.setitem(ship["main"].__globals__, "LIMIT_MB", 25)
+    assert ship["main"](argv) == 0
+    card = json.loads((shipped / "card.json").read_text())
+    assert card["training"]["steps"] == 6 and card["training"]["wall_seconds"] == 51
+    assert card["recipe"].endswith(f"(long from the default shipped before it, fingerprint {before}))")
+    assert json.loads((shipped / "config.json").read_text())["weights_dtype"] == "bfloat16"
+    with pytest.raises(SystemExit, match="count twice"):  # the same run again
+        ship["main"](argv)
+    # a run continuing the shipped one still names the folder its chain started from, which now
+    # holds the shipped run: refused too
+    later = tmp_path / "runs" / "later"
+    _perturb_adapters(compressor, seed=4)
+    compressor.save_pretrained(later / "final")
+    (later / "train_config.json").write_text(json.dumps({**json.loads((run / "train_config.json").read_text()),
+                                                        "init_from": str(run / "final")}))
+    (later / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    with pytest.raises(SystemExit, match="already counts long"):
+        ship["main"](["--run", str(later), "--eval", str(tmp_path / "ev"), "--out", str(shipped)])

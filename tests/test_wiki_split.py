@@ -71,5 +71,7 @@ def test_training_data_prep_takes_no_reserved_title():
     first = prep["wiki_trainable"](docs, 50)
     assert first == picked[:50]  # a stable order: sha256 of the title
     assert prep["wiki_trainable"](list(reversed(docs)), 50) == first
+    later = prep["wiki_trainable"](docs, None, offset=50)  # what a run on the first 50 never read
+    assert later == picked[50:] and not {d["title"] for d in later} & {d["title"] for d in first}
     reserved_only = [d for d in docs if wiki_split(d["title"]) == "reserved"][:20]
     assert prep["wiki_trainable"](reserved_only, None) == []

@@ -46,10 +46,22 @@ class Run:
         return int(self.card["training"]["samples"]) if self.card else self.steps * self.per_step
 
     @property
-    def cpu_seconds(self) -> float:
+    def wall_seconds(self) -> float:
+        """Seconds of training on the 2-core machine (older cards called this ``cpu_seconds``)."""
         if self.card:
-            return float(self.card["training"]["cpu_seconds"])
+            t = self.card["training"]
+            return float(t.get("wall_seconds", t.get("cpu_seconds", 0)))
         return sum(r.get("sec") or 0 for r in self.train)
+
+    @property
+    def cpu_seconds(self) -> float | None:
+        """Process CPU time (what the head-to-head budgets count); None where it was not logged."""
+        if self.card:
+            got = self.card["training"].get("process_cpu_seconds")
+            return None if got is None else float(got)
+        if not self.train or any(r.get("cpu_sec") is None for r in self.train):
+            return None
+        return sum(r["cpu_sec"] for r in self.train)
 
 
 def lineage(folder: str | Path) -> list[Run]:

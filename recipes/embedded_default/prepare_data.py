@@ -88,11 +88,12 @@ def chunk_words(text: str, size: int) -> list[str]:
     return out
 
 
-def wiki_trainable(docs: list[dict], limit: int | None) -> list[dict]:
-    """The trainable half's summaries (sha256(title) starts with 0-7), in sha256 order, at most ``limit``."""
+def wiki_trainable(docs: list[dict], limit: int | None, offset: int = 0) -> list[dict]:
+    """The trainable half's summaries (sha256(title) starts with 0-7), in sha256 order, at most
+    ``limit`` after skipping ``offset`` (a later run's texts that an earlier one never read)."""
     keep = [d for d in docs if wiki_split(d["title"]) == "trainable"]
     keep.sort(key=lambda d: hashlib.sha256(d["title"].encode("utf-8")).hexdigest())
-    return keep if limit is None else keep[:limit]
+    return keep[offset:] if limit is None else keep[offset:offset + limit]
 
 
 def zlib_reference(records: list[dict]) -> float:
@@ -118,6 +119,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wiki-records", type=int, default=2000,
                     help="trainable-half wiki summaries used (default 2000; 0 = none)")
+    ap.add_argument("--wiki-offset", type=int, default=0,
+                    help="skip this many summaries first (sha256 order): --wiki-offset 2000 gives texts the "
+                         "default 2,000 do not include")
     ap.add_argument("--lm-every", type=int, default=6, help="every N-th held-out question in heldout_lm.jsonl")
     args = ap.parse_args()
 
@@ -143,7 +147,7 @@ def main() -> int:
              "heldout_context_hashes": sorted(held_ctx)}
     split["zlib_reference"] = zlib_reference(records)
 
-    wiki = wiki_trainable(demo_corpus(split="all"), args.wiki_records) if args.wiki_records > 0 else []
+    wiki = wiki_trainable(demo_corpus(split="all"), args.wiki_records, args.wiki_offset) if args.wiki_records > 0 else []
     if any(wiki_split(d["title"]) != "trainable" for d in wiki):
         raise AssertionError("a reserved wiki title reached the training data")
     write_jsonl(args.out / "wiki_recon.jsonl", [
@@ -153,7 +157,7 @@ def main() -> int:
     lm = heldout[:: args.lm_every]
     write_jsonl(args.out / "heldout_lm.jsonl", [{"context": r["context"], "question": r["question"],
                                                 "answer": r["answer"]} for r in lm])
-    split.update(wiki_records=len(wiki), wiki_titles=[d["title"] for d in wiki], heldout_lm_questions=len(lm))
+    split.update(wiki_records=len(wiki), wiki_offset=args.wiki_offset, wiki_titles=[d["title"] for d in wiki], heldout_lm_questions=len(lm))
     (args.out / "split.json").write_text(json.dumps(split, indent=1))
     print(json.dumps({k: v for k, v in split.items() if k not in ("heldout_context_hashes", "wiki_titles")}))
     return 0

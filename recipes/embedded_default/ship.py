@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from lineage import lineage  # a sibling module: this folder is sys.path[0] when run as a script
@@ -35,24 +36,61 @@ def _as_list(x) -> list[str]:
     return [x] if isinstance(x, str) else list(x)
 
 
+def _origin(run, before) -> str:
+    """Where a continued run started, readable in a card: the default shipped before, or the
+    checkpoint's path relative to the runs' folder rather than this machine's absolute path."""
+    if before.card:
+        fp = _fingerprint(before.folder)
+        return "the default shipped before it" + (f", fingerprint {fp}" if fp else "")
+    return _init_from(run)
+
+
+def _init_from(run) -> str | None:
+    """``init_from`` relative to the runs' folder or the repository (an absolute path names a machine)."""
+    init = run.config.get("init_from")
+    for base in (run.folder.resolve().parent, ASSET.parents[2]):  # the runs' folder, the repository
+        if init and Path(init).is_absolute() and Path(init).is_relative_to(base):
+            return str(Path(init).relative_to(base))
+    return init
+
+
+def _fingerprint(folder: Path) -> str | None:
+    cfg = folder / "config.json"
+    return json.loads(cfg.read_text()).get("fingerprint") if cfg.is_file() else None
+
+
 def card(run: Path, eval_dir: Path) -> dict:
+    """The model card; call it before exporting over a shipped checkpoint the run started from."""
     runs = lineage(run)  # the shipped run and the runs it continued from
+    if runs[0].card:
+        # the chain ends at the folder a run started from, which may hold a later default by now
+        counted = {(r["run"], r.get("init_from")) for r in runs[0].card["training"].get("runs", [])}
+        again = [r.folder.name for r in runs[1:] if (r.folder.name, _init_from(r)) in counted]
+        if again or _fingerprint(runs[0].folder) == _fingerprint(run / "final"):
+            raise SystemExit(f"{runs[0].folder}'s card already counts {', '.join(again) or run.name}: it holds a "
+                             "default shipped after this chain started, so its training would count twice; check "
+                             "out the default the chain started from into that folder first (git checkout)")
     last_eval = next((r.evals[-1]["lm"] for r in reversed(runs) if r.evals), None)
     results = json.loads((eval_dir / "results.json").read_text())
     systems = {s["system"]: {k: s[k] for k in ("accuracy", "exact_match", "f1", "mean_ratio", "ratio_all", "n")}
                for s in results["systems"]}
+    cpu = [r.cpu_seconds for r in runs]
+    per_run = [{"run": r.folder.name, "steps": r.steps, "samples": r.samples, "wall_seconds": round(r.wall_seconds),
+                "process_cpu_seconds": None if c is None else round(c), "init_from": _init_from(r)}
+               for r, c in zip(runs, cpu)]
+    if runs[0].card:  # the shipped start stands for its own runs: list those, in this card's terms
+        per_run[:1] = [{("wall_seconds" if k == "cpu_seconds" else k): v for k, v in r.items()}
+                       for r in runs[0].card["training"].get("runs", per_run[:1])]
     return {
         "name": "semidyn-rag embedded default (SmolLM2-135M-Instruct encoder and decoder)",
         "recipe": (runs[0].card["recipe"].removesuffix(")") if runs[0].card else
                    "recipes/embedded_default (prepare_data.py, synth proxy --method zlib, train.yaml")
-                  + "".join(f", then {_stage_config(r)} ({r.folder.name} from {r.config['init_from']})" for r in runs[1:])
+                  + "".join(f", then {_stage_config(r)} ({r.folder.name} from {_origin(r, b)})"
+                            for b, r in zip(runs, runs[1:]))
                   + ")",
         "training": {"steps": sum(r.steps for r in runs), "samples": sum(r.samples for r in runs),
-                     "cpu_seconds": round(sum(r.cpu_seconds for r in runs)),
-                     "runs": [{"run": r.folder.name, "steps": r.steps, "samples": r.samples,
-                               "cpu_seconds": round(r.cpu_seconds), "init_from": r.config.get("init_from")}
-                              for r in runs],
-                     "last_eval_lm": last_eval},
+                     "wall_seconds": round(sum(r.wall_seconds for r in runs)),
+                     "runs": per_run, "last_eval_lm": last_eval},
         "heldout_eval": {"dataset": results["meta"]["run"]["dataset"], "setting": results["meta"]["run"]["setting"],
                          "questions": results["meta"]["n_questions"], "systems": systems},
     }
@@ -68,12 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     from semidyn_rag.checkpoint import export_compressor
 
     run = Path(args.run)
-    report = export_compressor(args.checkpoint or run / "final", args.out, overwrite=True)
+    meta = card(run, Path(args.eval))  # first: the run may have started from the checkpoint exported over
+    out = Path(args.out)
+    staged = out.with_name(out.name + ".shipping")  # the shipped default stays whole until the new one is
+    report = export_compressor(args.checkpoint or run / "final", staged, overwrite=True)
     size_mb = report.bytes_after / 2**20
     if size_mb > LIMIT_MB:
-        raise SystemExit(f"{args.out} is {size_mb:.1f} MiB, over the {LIMIT_MB} MiB the package may carry")
-    (Path(args.out) / "card.json").write_text(json.dumps(card(run, Path(args.eval)), indent=2) + "\n")
-    print(f"shipped {args.out}: {size_mb:.1f} MiB, card.json written")
+        shutil.rmtree(staged)
+        raise SystemExit(f"the export is {size_mb:.1f} MiB, over the {LIMIT_MB} MiB the package may carry; "
+                         f"{out} is unchanged")
+    (staged / "card.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staged.rename(out)
+    print(f"shipped {out}: {size_mb:.1f} MiB, card.json written")
     return 0
 
 
