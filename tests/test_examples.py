@@ -23,10 +23,12 @@ def test_demo_describes_the_shipped_compressor_from_its_card(tmp_path):
     text = demo["describe_card"](tmp_path / "card.json")
     assert "1200 steps (4800 samples, 1.5 h" in text
     assert "uncompressed 19.0%, no_context 7.4%" in text and "s+0 9.0% at 4.6x" in text
-    assert "below the first quality milestone" in text  # 9.0% < 1.5 x 7.4%
+    assert "below the first quality milestone" in text and "answers 9.0%, 1.22x no context" in text  # < 1.5x
     card["heldout_eval"]["systems"]["semi_dynamic_s+0"]["accuracy"] = 0.12
+    card["training"] = {"steps": 3939, "samples": 15756, "wall_seconds": 20021}  # today's cards: wall seconds
     (tmp_path / "card.json").write_text(json.dumps(card))
-    assert "milestone" not in demo["describe_card"](tmp_path / "card.json")
+    text = demo["describe_card"](tmp_path / "card.json")
+    assert "milestone" not in text and "3939 steps (15756 samples, 5.6 h on 2 CPU cores)" in text
     assert "no model card" in demo["describe_card"](tmp_path / "missing.json")
 
 
