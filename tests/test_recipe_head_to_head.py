@@ -191,15 +191,20 @@ def test_ship_replaces_the_default_it_started_from_only_when_the_export_fits(mak
     assert card["training"]["steps"] == 6 and card["training"]["wall_seconds"] == 51
     assert card["recipe"].endswith(f"(long from the default shipped before it, fingerprint {before}))")
     assert json.loads((shipped / "config.json").read_text())["weights_dtype"] == "bfloat16"
-    with pytest.raises(SystemExit, match="count twice"):  # the same run again
+    shipped_fp = json.loads((shipped / "config.json").read_text())["fingerprint"]
+    with pytest.raises(SystemExit, match="count its training twice"):  # the same run again
         ship["main"](argv)
-    # a run continuing the shipped one still names the folder its chain started from, which now
-    # holds the shipped run: refused too
+    # a run continuing the shipped one names the folder its chain started from, which now holds the
+    # shipped run: the card there counts the chain's first run, so it is counted once
     later = tmp_path / "runs" / "later"
     _perturb_adapters(compressor, seed=4)
     compressor.save_pretrained(later / "final")
     (later / "train_config.json").write_text(json.dumps({**json.loads((run / "train_config.json").read_text()),
                                                         "init_from": str(run / "final")}))
-    (later / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
-    with pytest.raises(SystemExit, match="already counts long"):
-        ship["main"](["--run", str(later), "--eval", str(tmp_path / "ev"), "--out", str(shipped)])
+    (later / "metrics.jsonl").write_text("\n".join(json.dumps({"split": "train", "step": s, "sec": 1.0, "lm": 1.0})
+                                                   for s in (1, 2)) + "\n")
+    assert ship["main"](["--run", str(later), "--eval", str(tmp_path / "ev"), "--out", str(shipped)]) == 0
+    card = json.loads((shipped / "card.json").read_text())
+    assert card["training"]["steps"] == 8 and [r["run"] for r in card["training"]["runs"]] == ["long", "later"]
+    assert card["recipe"].endswith(f"fingerprint {before}), then a head-to-head config (wiki_cloze_proxy.jsonl) "
+                                   f"(later from the default shipped before it, fingerprint {shipped_fp}))")

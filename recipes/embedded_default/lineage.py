@@ -86,17 +86,21 @@ def lineage(folder: str | Path) -> list[Run]:
         # a mid-run checkpoint (checkpoints/step-00000900) continues from that step, final/ from the end
         upto = int(ckpt.name.removeprefix("step-")) if ckpt.name.startswith("step-") else None
         folder = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    runs, seen = [], 0
+    runs, seen, counted = [], 0, set()
     if shipped is not None:
         card = json.loads((shipped / "card.json").read_text())
         runs.append(Run(shipped, {"init_from": None, "optim": {"batch_size": 1, "grad_accum": 1}}, [], 0, card))
         seen = runs[0].samples
+        # a default shipped after the chain started may count the chain's first runs already
+        counted = {(r["run"], r.get("steps")) for r in card["training"].get("runs", [])}
     for f, cfg, upto in reversed(chain):
         log = MetricsLog(f / "metrics.jsonl")
         if not log.path.is_file():  # a run without metrics has nothing to count: say so, not 0 steps
             raise FileNotFoundError(f"{log.path} is missing")
         rows = [r for r in log.rows() if upto is None or r["step"] <= upto]
         run = Run(f, cfg, rows, seen)
+        if len(runs) == 1 and (f.name, run.steps) in counted:
+            continue  # inside the shipped card's own count
         runs.append(run)
         seen += run.samples
     return runs
