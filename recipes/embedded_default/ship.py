@@ -69,13 +69,12 @@ def card(run: Path, eval_dir: Path) -> dict:
     results = json.loads((eval_dir / "results.json").read_text())
     systems = {s["system"]: {k: s[k] for k in ("accuracy", "exact_match", "f1", "mean_ratio", "ratio_all", "n")}
                for s in results["systems"]}
-    cpu = [r.cpu_seconds for r in runs]
     per_run = [{"run": r.folder.name, "steps": r.steps, "samples": r.samples, "wall_seconds": round(r.wall_seconds),
-                "process_cpu_seconds": None if c is None else round(c), "init_from": _init_from(r)}
-               for r, c in zip(runs, cpu)]
-    if runs[0].card:  # the shipped start stands for its own runs: list those, in this card's terms
-        per_run[:1] = [{("wall_seconds" if k == "cpu_seconds" else k): v for k, v in r.items()}
-                       for r in runs[0].card["training"].get("runs", per_run[:1])]
+                "process_cpu_seconds": None if r.cpu_seconds is None else round(r.cpu_seconds),
+                "init_from": _init_from(r)} for r in runs]
+    if runs[0].card and "runs" in runs[0].card["training"]:  # the shipped start lists its own runs: those,
+        per_run[:1] = [{("wall_seconds" if k == "cpu_seconds" else k): v for k, v in r.items()}  # in this card's terms
+                       for r in runs[0].card["training"]["runs"]]
     return {
         "name": "semidyn-rag embedded default (SmolLM2-135M-Instruct encoder and decoder)",
         "recipe": (runs[0].card["recipe"].removesuffix(")") if runs[0].card else
