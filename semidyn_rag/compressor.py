@@ -246,6 +246,18 @@ class SemiDynamicCompressor(nn.Module):
         return [CompressedContext(lat, f.n_tokens, self.pooling.factor_of(c), f.y_hat, fp_all)
                 for lat, f, c in zip(latents, features, chosen)]
 
+    def scale_for_ratio(self, features: Sequence[ContextFeatures], target: float, average: str = "mean",
+                        weights: Sequence[float] | None = None):
+        """The smallest scale at which ``features``' contexts average ``target`` tokens per latent.
+
+        Returns a ``ScaleFit`` (the scale, the ratios it gives, the histogram of choices); see
+        ``pipeline.target_ratio`` for the averages, the weights and the errors.
+        """
+        from .pipeline.target_ratio import fit_scale
+
+        return fit_scale(self, [f.y_hat for f in features], [f.n_tokens for f in features], target,
+                         average=average, weights=weights)
+
     def _project(self, pooled: list[torch.Tensor]) -> list[torch.Tensor]:
         """Project all contexts' pooled rows in one matmul, split back per context."""
         flat = torch.cat(pooled).to(self.dtype)

@@ -29,6 +29,7 @@ from pathlib import Path
 # subcommand -> module under semidyn_rag.cli
 SUBCOMMANDS = {
     "precompress": "precompress",
+    "fit-scale": "fit_scale",
     "query": "query",
     "repair": "repair",
     "synth": "synth",
@@ -70,15 +71,27 @@ def allow_negative_values(parser: argparse.ArgumentParser) -> None:
 
 
 
-def scale_arg(text: str) -> float:
-    """argparse type of ``--scale``: any finite number (large ones clamp to the coarsest factor)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def scale_arg(text: str) -> float:
+    """argparse type of ``--scale``: any finite number (large ones clamp to the coarsest factor)."""
+    value = _number(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r} "
                                          "(NaN and infinity select no factor)")
+    return value
+
+
+def ratio_arg(text: str) -> float:
+    """argparse type of ``--target-ratio``: a finite number above 1 (tokens per latent)."""
+    value = _number(text)
+    if not math.isfinite(value) or value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 1 (tokens per latent), got {text!r}")
     return value
 
 

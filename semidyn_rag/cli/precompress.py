@@ -17,7 +17,8 @@ import argparse
 import json
 import logging
 
-from . import add_trust_remote_code, allow_negative_values, compressor_overrides, fail, folder_arg, scale_arg
+from . import (add_trust_remote_code, allow_negative_values, compressor_overrides, fail, folder_arg, ratio_arg,
+               scale_arg)
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,15 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=folder_arg, help="the corpus directory to create or complete")
     p.add_argument("--compressor", help="compressor checkpoint folder or hub id (default: the trained "
                                         "embedded default, when the package ships one)")
-    p.add_argument("--scale", type=scale_arg, default=0.0,
-                   help="default scale recorded for queries (stats are reported at it); the store "
-                        "keeps features for every scale")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--scale", type=scale_arg, default=None,
+                        help="default scale recorded for queries (stats are reported at it; default 0); the "
+                             "store keeps features for every scale")
+    target.add_argument("--target-ratio", type=ratio_arg, default=None,
+                        help="fit the recorded scale so that the chunks average at least this many tokens per "
+                             "latent (dense chunks still get more latents)")
+    p.add_argument("--ratio-average", choices=["mean", "sums"], default="mean",
+                   help="with --target-ratio: mean of each chunk's ratio, or all tokens over all latents")
     p.add_argument("--batch-size", type=int, default=16, help="chunks per encoder batch and per commit")
     p.add_argument("--chunk-tokens", type=int, default=256, help="chunk budget in encoder tokens")
     p.add_argument("--overlap", type=int, default=0, help="tokens of trailing sentences repeated in the next chunk")
@@ -133,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         engine = _engine(args)
         stats = precompress(
             args.corpus, args.out, comp, compressor_path=args.compressor, scale=args.scale,
+            target_ratio=args.target_ratio, ratio_average=args.ratio_average,
             batch_size=args.batch_size, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
             index=IndexParams(kind=args.index), embedder=args.embedder,
             store_dtype=args.store_dtype, text_field=args.text_field, progress=not args.no_progress,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..atomic import DiskFullError, atomic_path, atomic_write_text, remove_stale_temporaries
+from ..pipeline.target_ratio import check_target, fit_scale, latent_counts
 from ..store import CorruptStoreError, LatentStore, set_aside
 from .chunking import Chunk, Chunker, tokenizer_counter
 from .directory import (
@@ -80,6 +81,7 @@ class PrecompressStats:
     index: str
     embedder: str
     compressor: dict = field(default_factory=dict)
+    fitted_to: dict | None = None  # {"ratio", "average"} when the scale was fitted to a target ratio
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,7 +95,9 @@ class PrecompressStats:
             + (f": {', '.join(f'{r} {n}' for r, n in self.skipped_by_reason.items())}" if self.skipped else "") + ")",
             f"chunks     {self.chunks}  (+{self.duplicate_chunks} duplicates stored once)",
             f"tokens     {self.tokens}",
-            f"latents    {self.latents} at scale {self.scale:g}  (average factor {self.average_factor:.2f}, "
+            f"latents    {self.latents} at scale {self.scale:g}"
+            + (f" (fitted to a {self.fitted_to['average']} ratio of {self.fitted_to['ratio']:g})" if self.fitted_to else "")
+            + f"  (average factor {self.average_factor:.2f}, "
             f"overall {self.overall_ratio:.2f}x)",
             f"{self.histogram_of + 's':<10} {hist}",
             f"encoded    {self.encoded} this run, {self.reused} reused"
@@ -240,28 +244,15 @@ def fill_store(engine: EncodeEngine, pending: list[Chunk], store: LatentStore, c
                             store.path) from e
 
 
-def latent_counts(compressor, y_hat: list[float], n_tokens: list[int], scale: float) -> tuple[list[int], list[int]]:
-    """(choice per chunk, latents per chunk) at ``scale``, without reading features.
-
-    The choice is what the pooling stage takes (a factor or a latent count); the stage says
-    how many latents a chunk of ``n`` tokens gets at it.
-    """
-    import torch
-
-    if not y_hat:
-        return [], []
-    choice = compressor.select(torch.tensor(y_hat), torch.tensor(n_tokens), scale).tolist()
-    pooling = compressor.pooling
-    return choice, [pooling.n_latents(n, c) for n, c in zip(n_tokens, choice)]
-
-
 def precompress(
     corpus: str | os.PathLike,
     out: str | os.PathLike,
     compressor,
     *,
     compressor_path: str | None = None,
-    scale: float = 0.0,
+    scale: float | None = None,
+    target_ratio: float | None = None,
+    ratio_average: str = "mean",
     batch_size: int = 16,
     chunk_tokens: int = 256,
     overlap: int = 0,
@@ -275,6 +266,9 @@ def precompress(
     """Build (or complete) the corpus directory ``out`` from the documents at ``corpus``.
 
     ``engine`` encodes the chunks missing from the store (default: in this process).
+    ``scale`` is the default recorded for queries (0 when not given); ``target_ratio`` instead
+    fits it, after encoding, so that the chunks' ``ratio_average`` ratio is at least that
+    (``pipeline.target_ratio``).
     Returns the run's statistics (also written to ``out/stats.json``). Raises CorpusError when
     the corpus yields no chunk, ValueError for a chunk budget the encoder cannot read.
     """
@@ -283,7 +277,11 @@ def precompress(
     from ..pipeline.selector import check_scale
 
     t_start = time.perf_counter()
-    scale = check_scale(scale)
+    if scale is not None and target_ratio is not None:
+        raise ValueError("give a scale or a target ratio, not both")
+    scale = check_scale(0.0 if scale is None else scale)
+    if target_ratio is not None:
+        check_target(compressor, target_ratio, ratio_average)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CorpusError(f"{out} is a file, not a corpus directory; choose another output folder")
@@ -365,6 +363,11 @@ def precompress(
     # 4. statistics
     y = [summaries[k][0] for k in keys]
     n = [summaries[k][1] for k in keys]
+    fitted_to = None
+    if target_ratio is not None:
+        scale = fit_scale(compressor, y, n, target_ratio, average=ratio_average).scale
+        fitted_to = {"ratio": float(target_ratio), "average": ratio_average}
+        atomic_write_text(out / MANIFEST_FILE, manifest.model_copy(update={"scale": scale}).model_dump_json(indent=2))
     choice, lat = latent_counts(compressor, y, n, scale)
     total_tokens, total_latents = sum(n), sum(lat)
     mean_pool = compressor.pooling.takes == "factor"
@@ -386,7 +389,7 @@ def precompress(
         encode_seconds=round(enc_seconds, 3),
         chunks_per_second=round(n_encoded / enc_seconds, 2) if n_encoded and enc_seconds > 0 else 0.0,
         seconds=round(time.perf_counter() - t_start, 3), index=index.kind, embedder=embedder.name,
-        compressor=record.model_dump(),
+        compressor=record.model_dump(), fitted_to=fitted_to,
     )
     atomic_write_text(out / STATS_FILE, json.dumps(stats.to_dict(), indent=2))
     return stats
