@@ -7,6 +7,7 @@ way a session is opened from them cannot drift apart between the two packages.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import BaseModel, Field, PrivateAttr
@@ -20,7 +21,9 @@ class SessionSettings(BaseModel):
     corpus directory, whose recorded compressor is used when none is given).
     """
 
-    scale: float = Field(default=0.0, description="Shift of every chunk's log2 factor: <0 fidelity, >0 efficiency.")
+    scale: Optional[float] = Field(default=None, description="Shift of every chunk's log2 factor: <0 fidelity, "
+                                   ">0 efficiency; None = the scale the store_path corpus directory recorded "
+                                   "(`precompress --scale` or `--target-ratio`), else 0.")
     max_latents: Optional[int] = Field(default=None, description="Budget on total latent slots per query.")
     min_chunk_tokens: int = Field(default=8, description="Chunks (documents, nodes) shorter than this stay text.")
     compressor_path: Optional[str] = Field(default=None, description="Checkpoint folder or hub id.")
@@ -31,6 +34,8 @@ class SessionSettings(BaseModel):
 
     def __init__(self, session: Any = None, compressor: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if self.scale is None:
+            self.scale = recorded_scale(self.store_path)
         if session is None:
             from .session import open_session
 
@@ -47,3 +52,13 @@ class SessionSettings(BaseModel):
         """``CompressionSession.compress_chunks`` with these settings, one result per text."""
         return self._session.compress_chunks(texts, scale=self.scale, max_latents=self.max_latents,
                                              min_tokens=self.min_chunk_tokens)
+
+
+def recorded_scale(store_path: Optional[str]) -> float:
+    """The default scale a corpus directory recorded at ``precompress``; 0 for a store file or none."""
+    if store_path is None or not Path(store_path).is_dir():
+        return 0.0
+    from .corpus.directory import MANIFEST_FILE, read_manifest
+
+    p = Path(store_path)
+    return read_manifest(p).scale if (p / MANIFEST_FILE).is_file() else 0.0

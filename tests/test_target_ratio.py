@@ -137,6 +137,13 @@ def test_precompress_records_the_fitted_scale(tmp_path, docs, ckpt, capsys):
     assert main(["fit-scale", str(out), "--target-ratio", "5", "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["scale"] == scale
 
+    # the framework packages' settings default to the recorded scale; an explicit one wins
+    from semidyn_rag.session_settings import SessionSettings
+
+    assert SessionSettings(store_path=str(out)).scale == scale
+    assert SessionSettings(store_path=str(out), scale=1.5).scale == 1.5
+    assert SessionSettings(store_path=str(tmp_path / "s.sqlite"), compressor_path=str(ckpt)).scale == 0.0
+
     # a rerun at an explicit scale records that one, and stats no longer claim a fit
     assert main(["precompress", str(docs), "--out", str(out), "--compressor", str(ckpt), "--scale", "0.5",
                  *ARGS]) == 0
