@@ -132,6 +132,13 @@ def test_precompress_records_the_fitted_scale(tmp_path, docs, ckpt, capsys):
     assert main(["fit-scale", str(docs), "--target-ratio", "5", "--compressor", str(ckpt), "--chunk-tokens", "40",
                  "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["scale"] == scale
+    # a store missing some chunks: those are encoded, the rest read, same answer
+    from semidyn_rag.store import LatentStore
+
+    with LatentStore(out / "latents.sqlite") as store:
+        assert store.delete([c.key for c in chunks[::2]], comp.feature_fingerprint) == len(chunks[::2])
+    assert main(["fit-scale", str(out), "--target-ratio", "5", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["scale"] == scale
     # a store that is gone: the chunks are encoded instead, same answer
     (out / "latents.sqlite").unlink()
     assert main(["fit-scale", str(out), "--target-ratio", "5", "--json", "--no-progress"]) == 0
@@ -157,6 +164,9 @@ def test_precompress_refuses_a_scale_and_a_target_before_any_work(tmp_path, docs
         main(["precompress", str(docs), "--out", str(out), "--compressor", str(ckpt), "--scale", "1",
               "--target-ratio", "4", *ARGS])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert main(["precompress", str(docs), "--out", str(out), "--compressor", str(ckpt), "--ratio-average", "sums",
+                 *ARGS]) == 2
+    assert "only applies with --target-ratio" in capsys.readouterr().err
     with pytest.raises(ValueError, match="a scale or a target ratio, not both"):
         precompress(docs, out, make_compressor(), scale=1.0, target_ratio=4.0)
     with pytest.raises(ValueError, match="no density head"):

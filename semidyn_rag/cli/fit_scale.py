@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"cannot load the compressor: {e}", 2)
     try:
         check_target(comp, args.target_ratio, args.average)
-        texts, known = _corpus_chunks(source, comp) if is_corpus else (_document_chunks(args, comp), {})
-        y, n = _predictions(comp, texts, known, args.batch_size, not args.no_progress)
+        keys, known, texts = _corpus_chunks(source, comp) if is_corpus else _document_chunks(args, comp)
+        y, n = _predictions(comp, keys, known, texts, args.batch_size, not args.no_progress)
         fit = fit_scale(comp, y, n, args.target_ratio, average=args.average)
     except (CorpusError, ValueError) as e:
         return fail(str(e), 1)
@@ -77,24 +77,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _corpus_chunks(source: Path, comp) -> tuple[list[tuple[str, str]], dict[str, tuple[float, int]]]:
-    """(key, text) of every chunk of a corpus directory and the store's (y_hat, n) for those it holds."""
+def _corpus_chunks(source: Path, comp) -> tuple[list[str], dict[str, tuple[float, int]], dict[str, str]]:
+    """A corpus directory's chunk keys, the store's (y_hat, n) for those it holds, and the texts
+    of the others (only those rows of the chunk table are read)."""
     from ..corpus import CorpusDirectory
     from ..store import StoreError
 
     with CorpusDirectory(source, readonly_store=True) as corpus:
-        rows = corpus.table.select(["key", "text"]).to_pylist()
-        pairs = [(r["key"], r["text"]) for r in rows]
+        keys = corpus.table.column("key").to_pylist()
         try:
-            known = corpus.store.summaries([k for k, _ in pairs], comp.feature_fingerprint)
+            known = corpus.store.summaries(keys, comp.feature_fingerprint)
         except (StoreError, FileNotFoundError) as e:  # damaged or missing: the chunks are encoded instead
-            logger.warning("%s: encoding the %d chunks instead", e, len(pairs))
+            logger.warning("%s: encoding the %d chunks instead", e, len(keys))
             known = {}
-    return pairs, known
+        missing = [i for i, k in enumerate(keys) if k not in known]
+        texts = {c.key: c.text for c in corpus.chunks(missing)} if missing else {}
+    return keys, known, texts
 
 
-def _document_chunks(args: argparse.Namespace, comp) -> list[tuple[str, str]]:
-    """(key, text) of the unique chunks ``precompress`` would make of the documents."""
+def _document_chunks(args: argparse.Namespace, comp) -> tuple[list[str], dict, dict[str, str]]:
+    """The keys and texts of the unique chunks ``precompress`` would make of the documents."""
     from ..corpus import Chunker, CorpusError, LoadReport, tokenizer_counter
     from ..corpus.build import collect_chunks
 
@@ -102,21 +104,21 @@ def _document_chunks(args: argparse.Namespace, comp) -> list[tuple[str, str]]:
     chunks, _, _ = collect_chunks(args.source, chunker, LoadReport(), args.text_field)
     if not chunks:
         raise CorpusError(f"{args.source} yielded no text to fit a scale on")
-    return [(c.key, c.text) for c in chunks]
+    return [c.key for c in chunks], {}, {c.key: c.text for c in chunks}
 
 
-def _predictions(comp, chunks: list[tuple[str, str]], known: dict, batch_size: int,
+def _predictions(comp, keys: list[str], known: dict, texts: dict[str, str], batch_size: int,
                  progress: bool) -> tuple[list[float], list[int]]:
-    """Each chunk's (y_hat, n_tokens): from ``known``, else from an encoder pass (not stored)."""
+    """Each chunk's (y_hat, n_tokens): from ``known``, else from an encoder pass over its text (not stored)."""
     from tqdm.auto import tqdm
 
-    todo = [(k, t) for k, t in chunks if k not in known]
+    todo = [k for k in keys if k not in known]
     found = dict(known)
     bar = tqdm(total=len(todo), unit="chunk", desc="encoding", disable=not progress or not todo)
     for i in range(0, len(todo), batch_size):
         batch = todo[i:i + batch_size]
-        for (k, _), f in zip(batch, comp.encode([t for _, t in batch], batch_size=batch_size)):
+        for k, f in zip(batch, comp.encode([texts[k] for k in batch], batch_size=batch_size)):
             found[k] = (f.y_hat, f.n_tokens)
         bar.update(len(batch))
     bar.close()
-    return [found[k][0] for k, _ in chunks], [found[k][1] for k, _ in chunks]
+    return [found[k][0] for k in keys], [found[k][1] for k in keys]

@@ -52,8 +52,8 @@ def register(subparsers) -> None:
     target.add_argument("--target-ratio", type=ratio_arg, default=None,
                         help="fit the recorded scale so that the chunks average at least this many tokens per "
                              "latent (dense chunks still get more latents)")
-    p.add_argument("--ratio-average", choices=["mean", "sums"], default="mean",
-                   help="with --target-ratio: mean of each chunk's ratio, or all tokens over all latents")
+    p.add_argument("--ratio-average", choices=["mean", "sums"], default=None,
+                   help="with --target-ratio: mean of each chunk's ratio (default), or all tokens over all latents")
     p.add_argument("--batch-size", type=int, default=16, help="chunks per encoder batch and per commit")
     p.add_argument("--chunk-tokens", type=int, default=256, help="chunk budget in encoder tokens")
     p.add_argument("--overlap", type=int, default=0, help="tokens of trailing sentences repeated in the next chunk")
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     args.compressor = args.compressor or shipped_compressor()
     if not args.compressor:
         return fail(NO_COMPRESSOR, 2)
+    if args.ratio_average and args.target_ratio is None:
+        return fail("--ratio-average only applies with --target-ratio", 2)
     if args.engine == "local":
         given = [f"--{o.replace('_', '-')}" for o in RAY_OPTIONS if hasattr(args, o)]
         if given:
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         engine = _engine(args)
         stats = precompress(
             args.corpus, args.out, comp, compressor_path=args.compressor, scale=args.scale,
-            target_ratio=args.target_ratio, ratio_average=args.ratio_average,
+            target_ratio=args.target_ratio, ratio_average=args.ratio_average or "mean",
             batch_size=args.batch_size, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
             index=IndexParams(kind=args.index), embedder=args.embedder,
             store_dtype=args.store_dtype, text_field=args.text_field, progress=not args.no_progress,

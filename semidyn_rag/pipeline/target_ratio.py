@@ -115,8 +115,7 @@ def fit_scale(compressor, y_hat: Sequence[float], n_tokens: Sequence[int], targe
         return mean, sums, choice
 
     def value(scale: float) -> float:
-        mean, sums, _ = ratios(scale)
-        return mean if average == "mean" else sums
+        return ratios(scale)[0 if average == "mean" else 1]
 
     # Past these bounds the selector clamps every context to an end of the candidate set.
     bound = max(abs(float(y)) for y in y_hat) + math.log2(max(n_tokens) + 1) + math.log2(
@@ -135,10 +134,10 @@ def fit_scale(compressor, y_hat: Sequence[float], n_tokens: Sequence[int], targe
             hi = mid
         else:
             lo = mid
-    scale = math.ceil(hi / tol) * tol  # a round number that still reaches the target
-    scale = round(scale, 10)
-    if value(scale) < target:  # float rounding in the line above; never observed, but cheap to guard
-        scale = hi
+    scale = round(math.ceil(hi / tol) * tol, 10)  # a round number that still reaches the target
     mean, sums, choice = ratios(scale)
+    if (mean if average == "mean" else sums) < target:  # float rounding above; never observed, cheap to guard
+        scale = hi
+        mean, sums, choice = ratios(scale)
     hist = {str(k): v for k, v in sorted(Counter(choice).items())}
     return ScaleFit(scale, target, average, mean, sums, len(choice), compressor.pooling.takes, hist)
